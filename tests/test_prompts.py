@@ -1,0 +1,50 @@
+import pytest
+
+from decoders.prompts import PROMPT_SETS, load_prompts
+
+
+@pytest.mark.parametrize("name", list(PROMPT_SETS))
+def test_set_loads_non_empty_strings(name):
+    prompts = load_prompts(name)
+    assert len(prompts) >= 40
+    assert all(isinstance(p, str) and p.strip() == p and p for p in prompts)
+    assert len(set(prompts)) == len(prompts)
+
+
+@pytest.mark.parametrize("name", list(PROMPT_SETS))
+def test_deterministic_and_seeded(name):
+    assert load_prompts(name, seed=3) == load_prompts(name, seed=3)
+    assert load_prompts(name, seed=3) != load_prompts(name, seed=4)
+    if name != "chat_mix":  # the mix draws different members per seed; single sets only reorder
+        assert sorted(load_prompts(name, seed=3)) == sorted(load_prompts(name, seed=4))
+
+
+def test_limit_is_a_prefix():
+    full = load_prompts("harmbench", seed=1)
+    assert load_prompts("harmbench", limit=5, seed=1) == full[:5]
+    assert load_prompts("harmbench", limit=0) == []
+    assert len(load_prompts("realtoxicity", limit=10_000)) == len(load_prompts("realtoxicity"))
+    with pytest.raises(ValueError):
+        load_prompts("harmbench", limit=-1)
+
+
+def test_expected_sources_and_shapes():
+    assert len(load_prompts("harmbench")) == 200
+    assert len(load_prompts("do_not_answer")) > 900
+    assert all(p.startswith("Continue this text: ") for p in load_prompts("realtoxicity"))
+    reviews = load_prompts("rotten_tomatoes", limit=50)
+    assert all(p.startswith('Write a short review of the movie "') for p in reviews)
+
+
+def test_chat_mix_composition():
+    mix = load_prompts("chat_mix")
+    assert len(mix) == 64
+    assert sum(p.startswith("Continue this text: ") for p in mix) == 8
+    assert sum(p.startswith("Write a short review of the movie") for p in mix) == 8
+    assert len(set(mix) & set(load_prompts("harmbench"))) == 4
+    assert len(set(mix) & set(load_prompts("do_not_answer"))) == 4
+
+
+def test_unknown_name_lists_known_sets():
+    with pytest.raises(ValueError, match="chat_mix"):
+        load_prompts("imdb")
