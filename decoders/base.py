@@ -23,6 +23,8 @@ class Completion:
     # present when params["logprobs"] was set.
     logprobs: list[dict[int, float]] | None = None
     stop_reason: Any = None
+    # The engine's own per-token logprob records (with token strings), passed through to clients.
+    raw_logprobs: Any = None
 
 
 class Generator(Protocol):

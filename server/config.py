@@ -32,6 +32,8 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64
     dtype: str = "bfloat16"
+    # Transfer Q* reads the base top-k through logprobs: keep >= limits.max_top_k.
+    max_logprobs: int = 50
     seed: int = 0
     # Extra keyword arguments for vllm.AsyncEngineArgs (e.g. gpu_memory_utilization on GPU).
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,533 @@
+"""The Ray Serve application: ``build_app`` is the one import_path (``server.app:build_app``)
+for ``make serve``, ``serve run deploy/serve_config.yaml`` and the KubeRay RayService.
+
+Deployments: ``OpenAIIngress`` (FastAPI, this file) -> ``EngineDeployment`` (vLLM AsyncLLM,
+server/engine.py) and ``RewardDeployment`` (objectives, server/reward_service.py).
+Each method turns a request into a stream of events (deltas, finishes, a receipt); the HTTP
+layer renders those events as one JSON body or as SSE chunks, so every method streams.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from server import metrics
+from server.config import ServerConfig
+from server.events import Delta, Finish, Outcome
+from server.errors import AlignmentFailed, APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, Unauthorized
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="alignserve", version="0.1.0",
+              description="OpenAI-compatible serving of a frozen base model, aligned per request.")
+
+
+# ----------------------------------------------------------------------------- errors
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # Drop pydantic's union/function tags (e.g. "function-after[...]") from the parameter path.
+    loc = [p for p in loc if "[" not in p]
+    msg = err.get("msg", "invalid request")
+    if err.get("type") == "json_invalid":
+        return JSONResponse(BadRequest("request body is not valid JSON", code="invalid_json").body(), status_code=400)
+    if err.get("type") == "missing":
+        msg = f"missing required parameter: {'.'.join(loc)}"
+    elif loc:
+        msg = f"{'.'.join(loc)}: {msg}"
+    return JSONResponse(BadRequest(msg, param=".".join(loc) or None, code=err.get("type")).body(), status_code=400)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class _Context:
+    """Everything a method needs about one request."""
+
+    def __init__(self, ingress: OpenAIIngress, req, rid, kind, prompt_ids, prompt_text, messages, sampling, mixture):
+        self.ingress = ingress
+        self.req = req
+        self.rid = rid
+        self.kind = kind
+        self.prompt_ids = prompt_ids
+        self.prompt_text = prompt_text
+        self.messages = messages
+        self.sampling = sampling
+        self.mixture = mixture
+        self.method = req.method
+        self.outcome = Outcome(prompt_tokens=len(prompt_ids))
+        self.t0 = time.perf_counter()
+
+
+class _Once:
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = False
+
+    def __call__(self):
+        if not self.done:
+            self.done = True
+            self.fn()
+
+
+async def _first_event(events: AsyncIterator[Any], timeout: float):
+    """Run a stream up to its first event so that request errors become HTTP errors, not SSE."""
+    try:
+        return await asyncio.wait_for(events.__anext__(), timeout=timeout)
+    except StopAsyncIteration:
+        return None
+
+
+async def _with_release(gen: AsyncIterator[bytes], release: _Once, ctx: _Context, t0: float) -> AsyncIterator[bytes]:
+    deadline = t0 + ctx.ingress.config.limits.request_timeout_s
+    try:
+        async for item in gen:
+            yield item
+            if time.perf_counter() > deadline:
+                yield f"data: {json.dumps(Timeout('request timed out', code='timeout').body())}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+                return
+    finally:
+        await gen.aclose()
+        release()
+
+
+def _track(ctx: _Context, ev) -> None:
+    out = ctx.outcome
+    if isinstance(ev, Delta):
+        c = out.choices.setdefault(ev.index, {"text": "", "logprobs": None, "finish_reason": None})
+        c["text"] += ev.text
+        if ev.logprobs is not None:
+            c["logprobs"] = (c["logprobs"] or []) + ev.logprobs
+        if ev.token_ids:
+            t = time.perf_counter()
+            out.first_token_t = out.first_token_t or t
+            out.last_token_t = t
+            out.completion_tokens += len(ev.token_ids)
+    elif isinstance(ev, Finish):
+        c = out.choices.setdefault(ev.index, {"text": "", "logprobs": None, "finish_reason": None})
+        c["finish_reason"] = ev.reason
+
+
+def _usage(out: Outcome) -> dict[str, int]:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def _record(ctx: _Context, t0: float, status: int) -> None:
+    if getattr(ctx, "_recorded", False):
+        return
+    ctx._recorded = True
+    m, out = ctx.method, ctx.outcome
+    elapsed = time.perf_counter() - t0
+    metrics.REQUESTS.labels(m, str(status)).inc()
+    metrics.REQUEST_LATENCY.labels(m).observe(elapsed)
+    metrics.PROMPT_TOKENS.labels(m).inc(out.prompt_tokens)
+    if status != 200:
+        return
+    metrics.OUTPUT_TOKENS.labels(m).inc(out.completion_tokens)
+    if out.first_token_t is not None:
+        metrics.TIME_TO_FIRST_TOKEN.labels(m).observe(out.first_token_t - t0)
+        if out.completion_tokens > 1 and out.last_token_t > out.first_token_t:
+            metrics.INTER_TOKEN_LATENCY.labels(m).observe((out.last_token_t - out.first_token_t) / (out.completion_tokens - 1))
+    if elapsed > 0 and out.completion_tokens:
+        metrics.OUTPUT_TOKENS_PER_SECOND.labels(m).observe(out.completion_tokens / elapsed)
+    r = out.receipt or {}
+    for choice in r.get("choices", []):
+        for obj, s in choice.get("rewards", {}).items():
+            metrics.REWARD.labels(m, obj).observe(s["raw"])
+        if choice.get("mixed") is not None:
+            metrics.MIXED_REWARD.labels(m).observe(choice["mixed"])
+        if choice.get("kl_estimate") is not None:
+            metrics.KL_ESTIMATE.labels(m).observe(choice["kl_estimate"])
+    for obj, gain in (r.get("reward_gain") or {}).items():
+        metrics.REWARD_GAIN.labels(m, obj).observe(gain)
+    cost = r.get("cost") or {}
+    for counter, key in ((metrics.BASE_TOKENS, "base_tokens"), (metrics.CANDIDATES, "candidates"),
+                         (metrics.ROLLOUTS, "rollouts"), (metrics.ROLLOUT_TOKENS, "rollout_tokens"),
+                         (metrics.VALUE_MODEL_STEPS, "value_model_steps")):
+        if cost.get(key):
+            counter.labels(m).inc(cost[key])
+    if r:
+        metrics.ADDED_LATENCY.labels(m).observe(out.added_latency_s)
+
+
+def _chat_logprobs(steps: list[dict]) -> dict[str, Any]:
+    def entry(tok: str | None, lp: float) -> dict[str, Any]:
+        tok = tok or ""
+        return {"token": tok, "logprob": max(lp, -9999.0), "bytes": list(tok.encode("utf-8"))}
+
+    content = []
+    for s in steps:
+        e = entry(s["token"], s["logprob"])
+        e["top_logprobs"] = [entry(t, lp) for _, lp, t in s["top"][: s.get("k", len(s["top"]))]]
+        content.append(e)
+    return {"content": content}
+
+
+def _text_logprobs(steps: list[dict]) -> dict[str, Any]:
+    tokens = [s["token"] or "" for s in steps]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [max(s["logprob"], -9999.0) for s in steps],
+            "top_logprobs": [{t or "": max(lp, -9999.0) for _, lp, t in s["top"][: s.get("k", len(s["top"]))]}
+                             for s in steps],
+            "text_offset": offsets}
+
+
+def _as_api_error(e: BaseException) -> APIError:
+    """Engine-side validation errors (vLLM raises ValueError subclasses) are the client's fault."""
+    if isinstance(e, APIError):
+        return e
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(cause, ValueError):
+        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        return BadRequest(msg, code="invalid_request")
+    return ServerError(f"internal error: {type(cause).__name__}: {str(cause)[-300:]}")
+
+
+def _load_api_keys(config: ServerConfig) -> list[str]:
+    keys = list(config.api_keys)
+    env = os.environ.get("ALIGNSERVE_API_KEYS", "")
+    keys += [k.strip() for k in env.split(",") if k.strip()]
+    path = config.api_keys_file or os.environ.get("ALIGNSERVE_API_KEYS_FILE")
+    if path and os.path.exists(path):
+        with open(path) as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return keys
+
+
+# ----------------------------------------------------------------------------- ingress
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, config: dict[str, Any], engine, rewards):
+        from transformers import AutoTokenizer
+
+        from decoders.rewards import build_objectives
+        from server.model_cache import resolve_model
+
+        self.config = ServerConfig.model_validate(config)
+        self.engine = engine
+        self.rewards = rewards
+        self.model_name = self.config.model_name
+        self.model_path = resolve_model(self.config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.max_model_len = self.config.engine.max_model_len
+        # Registry metadata only (names, reference stats); scoring runs in the reward deployment.
+        self.objectives = build_objectives(self.config.objectives)
+        from decoders.baselines import default_baseline_configs
+
+        self.baselines = self.config.baselines if self.config.baselines is not None else default_baseline_configs()
+        eos = {self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get("<|im_end|>")}
+        self.stop_token_ids = sorted(t for t in eos if isinstance(t, int) and t >= 0)
+        self.api_keys = _load_api_keys(self.config)
+        self.cost_in_flight = 0
+        self._engine_info: dict[str, Any] | None = None
+
+    # -------------------------------------------------------------- plumbing
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
+            metrics.REQUESTS_REJECTED.labels("unknown", "auth").inc()
+            raise Unauthorized("invalid or missing API key (send `Authorization: Bearer <key>`)",
+                               code="invalid_api_key")
+
+    async def _value_models(self) -> list[str]:
+        if self._engine_info is None:
+            self._engine_info = await self.engine.info.remote()
+        return self._engine_info["value_models"]
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise NotFound(f"The model `{model}` does not exist. Available: {self.model_name}",
+                           param="model", code="model_not_found")
+
+    def _cost(self, req) -> int:
+        a = req.alignment
+        n = req.n or 1
+        if a is None or a.method in ("none", "vas"):
+            return n
+        if a.method == "best_of_n":
+            return a.n or 1
+        return n * (a.top_k or 4)
+
+    # -------------------------------------------------------------- routes
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics_endpoint(self, request: Request) -> Response:
+        if self.config.metrics_require_auth:
+            self._authorize(request)
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> ModelList:
+        self._authorize(request)
+        return ModelList(data=[ModelCard(id=self.model_name, root=self.model_path, max_model_len=self.max_model_len)])
+
+    @app.get("/v1/alignment/objectives")
+    async def objectives(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        from decoders.rewards import describe
+
+        value_models = set(await self._value_models())
+        data = describe(self.objectives)
+        for item in data:
+            item["value_model"] = item["name"] in value_models
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._authorize(request)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = self.render_chat(messages)
+        user_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        return await self._serve(body, request, prompt_ids, user_text, messages, kind="chat", param="messages")
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        if isinstance(body.prompt, str):
+            prompt_ids = self.tokenizer.encode(body.prompt, add_special_tokens=False)
+            prompt_text = body.prompt
+        else:
+            vocab = len(self.tokenizer)
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in body.prompt):
+                raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            prompt_ids = list(body.prompt)
+            prompt_text = self.tokenizer.decode(prompt_ids)
+        return await self._serve(body, request, prompt_ids, prompt_text, None, kind="text", param="prompt")
+
+    # -------------------------------------------------------------- request path
+
+    async def _serve(self, req, request: Request, prompt_ids, prompt_text, messages, *, kind: str, param: str):
+        method = req.method
+        self._check_model(req.model)
+        limits = self.config.limits
+        req.check_limits(limits)
+        if not prompt_ids:
+            raise BadRequest("prompt is empty", param=param, code="empty_prompt")
+        max_prompt = min(limits.max_prompt_tokens, self.max_model_len - 1)
+        if len(prompt_ids) > max_prompt:
+            raise BadRequest(f"prompt has {len(prompt_ids)} tokens; the limit is {max_prompt}",
+                             param=param, code="context_length_exceeded")
+        mixture = await self._mixture(req)
+        sampling = req.to_sampling_params(limits, len(prompt_ids), self.max_model_len)
+
+        cost = self._cost(req)
+        if self.cost_in_flight + cost > limits.max_concurrent_cost:
+            metrics.REQUESTS_REJECTED.labels(method, "overload").inc()
+            raise Overloaded(f"server is at capacity ({self.cost_in_flight}/{limits.max_concurrent_cost} "
+                             f"sequences in flight; this request costs {cost}); retry later",
+                             code="overloaded", headers={"Retry-After": "1"})
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        ctx = _Context(self, req, rid, kind, prompt_ids, prompt_text, messages, sampling, mixture)
+        self.cost_in_flight += cost
+        metrics.REQUESTS_IN_FLIGHT.labels(method).inc()
+        t0 = time.perf_counter()
+        release = _Once(lambda: self._release(method, cost))
+        try:
+            events = self._events(ctx)
+            if req.stream:
+                first = await _first_event(events, limits.request_timeout_s)
+                return StreamingResponse(_with_release(self._sse(ctx, first, events, t0), release, ctx, t0),
+                                         media_type="text/event-stream")
+            body = await asyncio.wait_for(self._collect(ctx, events), timeout=limits.request_timeout_s)
+            _record(ctx, t0, 200)
+            return JSONResponse(body)
+        except asyncio.TimeoutError:
+            _record(ctx, t0, 504)
+            raise Timeout(f"request exceeded {limits.request_timeout_s}s", code="timeout") from None
+        except APIError as e:
+            _record(ctx, t0, e.status_code)
+            raise
+        except Exception as e:  # noqa: BLE001 - surfaced in the OpenAI error shape
+            err = _as_api_error(e)
+            if err.status_code >= 500:
+                logger.exception("request %s failed", rid)
+            _record(ctx, t0, err.status_code)
+            raise err from e
+        finally:
+            if not req.stream:
+                release()
+
+    def _release(self, method: str, cost: int) -> None:
+        self.cost_in_flight -= cost
+        metrics.REQUESTS_IN_FLIGHT.labels(method).dec()
+
+    async def _mixture(self, req):
+        a = req.alignment
+        if a is None or not a.weights:
+            return None
+        from decoders.rewards import Mixture, MixtureError
+
+        mixture = Mixture(weights={k: v for k, v in a.weights.items()}, transform=a.transform or "raw",
+                          caps=a.caps or {})
+        try:
+            mixture.validate(self.objectives, max_weight=self.config.limits.max_weight,
+                             require_nonzero=a.method != "none")
+        except MixtureError as e:
+            raise BadRequest(str(e), param=e.param, code="invalid_value") from None
+        if a.method == "vas":
+            have = set(await self._value_models())
+            missing = [o for o in mixture.active() if o not in have]
+            if missing:
+                raise BadRequest(f"no value model for objective(s) {missing}; VAS can steer: {sorted(have)}",
+                                 param="alignment.weights", code="no_value_model")
+        return mixture
+
+    def _events(self, ctx: "_Context") -> AsyncIterator[Any]:
+        from server import methods
+
+        return methods.run(ctx)
+
+    # -------------------------------------------------------------- rendering
+
+    async def _collect(self, ctx: "_Context", events: AsyncIterator[Any]) -> dict[str, Any]:
+        out = ctx.outcome
+        async for ev in events:
+            _track(ctx, ev)
+        choices = []
+        for i in sorted(out.choices):
+            c = out.choices[i]
+            if ctx.kind == "chat":
+                choice = {"index": i, "message": {"role": "assistant", "content": c["text"]},
+                          "logprobs": _chat_logprobs(c["logprobs"]) if c["logprobs"] is not None else None,
+                          "finish_reason": c["finish_reason"]}
+            else:
+                choice = {"index": i, "text": c["text"],
+                          "logprobs": _text_logprobs(c["logprobs"]) if c["logprobs"] is not None else None,
+                          "finish_reason": c["finish_reason"]}
+            choices.append(choice)
+        body = {"id": ctx.rid, "object": "chat.completion" if ctx.kind == "chat" else "text_completion",
+                "created": now(), "model": self.model_name, "choices": choices, "usage": _usage(out)}
+        if out.receipt is not None:
+            body["alignment"] = out.receipt
+        return body
+
+    async def _sse(self, ctx: "_Context", first, events: AsyncIterator[Any], t0: float) -> AsyncIterator[bytes]:
+        chat = ctx.kind == "chat"
+        created = now()
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool(ctx.req.stream_options and ctx.req.stream_options.include_usage)
+
+        def chunk(choices: list[dict], **extra) -> bytes:
+            body = {"id": ctx.rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
+            if include_usage:
+                body["usage"] = None
+            body.update(extra)
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        started: set[int] = set()
+        finishes: list[Finish] = []
+
+        async def all_events():
+            if first is not None:
+                yield first
+            async for ev in events:
+                yield ev
+
+        try:
+            async for ev in all_events():
+                _track(ctx, ev)
+                if isinstance(ev, Delta):
+                    if chat:
+                        delta = {"content": ev.text}
+                        if ev.index not in started:
+                            delta = {"role": "assistant", "content": ev.text}
+                            started.add(ev.index)
+                        c = {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}
+                        if ev.logprobs is not None:
+                            c["logprobs"] = _chat_logprobs(ev.logprobs)
+                    else:
+                        c = {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": None}
+                        if ev.logprobs is not None:
+                            c["logprobs"] = _text_logprobs(ev.logprobs)
+                    yield chunk([c])
+                elif isinstance(ev, Finish):
+                    finishes.append(ev)  # sent last, so the final chunk can carry the receipt
+            for j, ev in enumerate(finishes):
+                if chat:
+                    c = {"index": ev.index, "delta": {} if ev.index in started else {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": ev.reason}
+                else:
+                    c = {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.reason}
+                last = j == len(finishes) - 1
+                yield chunk([c], **({"alignment": ctx.outcome.receipt} if last and ctx.outcome.receipt else {}))
+            if include_usage:
+                body = {"id": ctx.rid, "object": obj, "created": created, "model": self.model_name,
+                        "choices": [], "usage": _usage(ctx.outcome)}
+                yield f"data: {json.dumps(body)}\n\n".encode()
+            _record(ctx, t0, 200)
+        except APIError as e:
+            _record(ctx, t0, e.status_code)
+            yield f"data: {json.dumps(e.body())}\n\n".encode()
+        except asyncio.CancelledError:
+            _record(ctx, t0, 499)  # client went away; generation is cancelled with this task
+            raise
+        except Exception as e:  # noqa: BLE001
+            err = _as_api_error(e)
+            if err.status_code >= 500:
+                logger.exception("stream %s failed", ctx.rid)
+            _record(ctx, t0, err.status_code)
+            yield f"data: {json.dumps(err.body())}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------- builder
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Build the application from a ServerConfig dict (the `args` of a Serve config)."""
+    config = ServerConfig.model_validate(args or {})
+    cfg = config.model_dump()
+
+    def options(d) -> dict[str, Any]:
+        opts: dict[str, Any] = {"max_ongoing_requests": d.max_ongoing_requests,
+                                "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}}
+        if d.autoscaling:
+            opts["autoscaling_config"] = d.autoscaling
+        else:
+            opts["num_replicas"] = d.num_replicas
+        return opts
+
+    engine = EngineDeployment.options(**options(config.engine_deployment)).bind(cfg)
+    rewards = RewardDeployment.options(**options(config.rewards_deployment)).bind(cfg)
+    return OpenAIIngress.options(**options(config.ingress)).bind(cfg, engine, rewards)
+
+
+from server.engine import EngineDeployment  # noqa: E402
+from server.reward_service import RewardDeployment  # noqa: E402

@@ -1,0 +1,242 @@
+"""The engine deployment: one vLLM v1 ``AsyncLLM`` with continuous batching across requests.
+
+Everything above it talks to it through a small async interface (Ray Serve handle calls):
+  * ``stream(prompt_token_ids, params, request_id)``: an async generator of output chunks,
+    one per engine step (DELTA mode), for plain and token-level-steered (VAS) decoding;
+  * ``generate(prompts, params, request_id)``: many prompts with the same params as one batch
+    (best-of-N candidates, Transfer Q* rollouts), returning finished completions;
+  * ``info()``, ``check_health()``.
+Chunks and completions are plain dicts (cheap to pickle across Ray).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from server.config import ServerConfig
+from server.model_cache import resolve_model
+
+logger = logging.getLogger("ray.serve")
+
+_VAS_STATS_WAIT_S = 0.5
+
+
+def _completion_dict(out, prompt_len: int) -> dict[str, Any]:
+    logprobs = None
+    if out.logprobs is not None:
+        logprobs = []
+        for tok, step in zip(out.token_ids, out.logprobs):
+            chosen = step.get(tok)
+            top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+            logprobs.append({
+                "id": tok,
+                "logprob": chosen.logprob if chosen is not None else float("-inf"),
+                "token": chosen.decoded_token if chosen is not None else None,
+                "top": [(tid, lp.logprob, lp.decoded_token) for tid, lp in top],
+            })
+    return {
+        "index": out.index,
+        "text": out.text,
+        "token_ids": list(out.token_ids),
+        "cumulative_logprob": out.cumulative_logprob,
+        "logprobs": logprobs,
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+        "prompt_tokens": prompt_len,
+    }
+
+
+class Engine:
+    """vLLM AsyncLLM behind the interface above; usable without Ray (tests, CLIs, benchmarks)."""
+
+    def __init__(self, config: ServerConfig, *, enable_vas: bool = True):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.cpu_kvcache_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        self.stats_dir = Path(tempfile.mkdtemp(prefix="alignserve-vas-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        processors = []
+        self.value_model_objectives: list[str] = []
+        if enable_vas:
+            processors, self.value_model_objectives = self._vas_processors(config)
+        e = config.engine
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            served_model_name=config.model_name,
+            max_model_len=e.max_model_len,
+            enforce_eager=e.enforce_eager,
+            enable_prefix_caching=e.enable_prefix_caching,
+            max_num_seqs=e.max_num_seqs,
+            dtype=e.dtype,
+            seed=e.seed,
+            max_logprobs=e.max_logprobs,
+            logits_processors=processors or None,
+            **e.extra,
+        )
+        t0 = time.time()
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer = self.llm.tokenizer
+        self.max_model_len = e.max_model_len
+        logger.info("vLLM engine ready in %.1fs: %s (value models: %s)", time.time() - t0, self.model_path,
+                    self.value_model_objectives or "none")
+
+    def _vas_processors(self, config: ServerConfig) -> tuple[list, list[str]]:
+        try:
+            from decoders import vas
+        except ImportError:  # VAS not built into this install
+            return [], []
+        dirs = config.value_models if config.value_models is not None else vas.default_value_model_dirs()
+        if not dirs:
+            return [], []
+        os.environ[vas.VAS_CONFIG_ENV] = json.dumps({"value_models": dirs, "stats_dir": str(self.stats_dir)})
+        return [vas.VASLogitsProcessor], sorted(dirs)
+
+    # ------------------------------------------------------------------ the async interface
+
+    def _sampling_params(self, params: dict[str, Any], request_id: str, delta: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = dict(params)
+        extra = params.pop("extra_args", None)
+        if extra is not None:
+            extra = {"alignserve": {"request_id": request_id, **extra}}
+        return SamplingParams(**params, extra_args=extra,
+                              output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+
+    async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
+                     delta: bool = True) -> AsyncIterator[dict]:
+        """Yield {"choices": [chunk, ...], "vas": {index: stats}} per engine step (delta=True), or
+        once with the finished outputs (delta=False: fewer messages for non-streamed requests)."""
+        n = params.get("n", 1)
+        if n > 1 and params.get("extra_args", {}).get("vas"):
+            # VAS keeps per-request value-model state keyed by our request id, so its n choices run
+            # as n requests (vLLM's own n fan-out would share one id); seeds stay distinct.
+            async for msg in self._merge_choices(prompt_token_ids, params, request_id, n, delta):
+                yield msg
+            return
+        async for msg in self._stream_one(prompt_token_ids, params, request_id, delta=delta):
+            yield msg
+
+    async def _stream_one(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
+                          index: int | None = None, delta: bool = True) -> AsyncIterator[dict]:
+        sp = self._sampling_params(params, request_id, delta=delta)
+        wants_vas = bool(sp.extra_args and "vas" in sp.extra_args["alignserve"])
+        prompt_len = len(prompt_token_ids)
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sp, request_id):
+                choices = [_completion_dict(c, prompt_len) for c in out.outputs]
+                if index is not None:
+                    for c in choices:
+                        c["index"] = index
+                msg: dict[str, Any] = {"choices": choices}
+                if out.finished and wants_vas:
+                    msg["vas"] = {index or 0: await self._vas_stats(request_id)}
+                yield msg
+        finally:
+            self._drop_vas_stats(request_id)
+
+    async def _merge_choices(self, prompt_token_ids, params, request_id, n, delta) -> AsyncIterator[dict]:
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            sub = dict(params, n=1, seed=None if params.get("seed") is None else params["seed"] + i)
+            try:
+                async for msg in self._stream_one(prompt_token_ids, sub, f"{request_id}-{i}", index=i, delta=delta):
+                    await queue.put(msg)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                await queue.put(exc)
+            finally:
+                await queue.put(done)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            remaining = n
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def generate(self, prompts: list[list[int]], params: dict[str, Any], request_id: str) -> list[list[dict]]:
+        """All prompts at once (the engine batches them); per prompt, its n completions by index."""
+        async def one(i: int, ids: list[int]) -> list[dict]:
+            sp = self._sampling_params(params, f"{request_id}-{i}", delta=False)
+            final = None
+            async for out in self.llm.generate({"prompt_token_ids": ids}, sp, f"{request_id}-{i}"):
+                final = out
+            return sorted((_completion_dict(c, len(ids)) for c in final.outputs), key=lambda c: c["index"])
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    # ------------------------------------------------------------------ VAS receipts
+
+    async def _vas_stats(self, request_id: str) -> dict[str, Any] | None:
+        # The processor writes the file synchronously before sampling each token, so it is
+        # complete when the last token arrives; the short wait only covers filesystem latency.
+        path = self.stats_dir / f"{request_id}.json"
+        deadline = time.monotonic() + _VAS_STATS_WAIT_S
+        while True:
+            try:
+                return json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                if time.monotonic() > deadline:
+                    return None
+                await asyncio.sleep(0.01)
+
+    def _drop_vas_stats(self, request_id: str) -> None:
+        (self.stats_dir / f"{request_id}.json").unlink(missing_ok=True)
+
+    async def info(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, "max_model_len": self.max_model_len,
+                "value_models": self.value_model_objectives}
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+@serve.deployment(name="EngineDeployment", health_check_period_s=10, health_check_timeout_s=30)
+class EngineDeployment:
+    """Ray Serve replica owning one ``Engine``."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.engine = Engine(ServerConfig.model_validate(config))
+
+    async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str, delta: bool = True):
+        async for msg in self.engine.stream(prompt_token_ids, params, request_id, delta):
+            yield msg
+
+    async def generate(self, prompts: list[list[int]], params: dict[str, Any], request_id: str) -> list[list[dict]]:
+        return await self.engine.generate(prompts, params, request_id)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.engine.info()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def __del__(self):
+        try:
+            self.engine.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass

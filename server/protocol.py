@@ -1,0 +1,321 @@
+"""The OpenAI-compatible wire format, plus one namespaced extension: ``alignment``.
+
+Request models mirror OpenAI's schema field by field, in OpenAI's order (fields we do not
+implement are left out, and unknown top-level fields are ignored as OpenAI and vLLM do).
+``alignment`` is validated strictly: unknown keys, unknown methods, or a knob that the chosen
+method does not use are 400s naming the field.
+
+A request converts itself into engine parameters (``to_sampling_params``), each value taken
+in the order: user value -> server default -> OpenAI default.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.config import LimitsConfig
+
+# ----------------------------------------------------------------------------- alignment
+
+METHODS = ("none", "best_of_n", "vas", "transfer_q", "args")
+TRANSFORMS = ("raw", "standardize", "log_sigmoid")
+
+# Which knobs each method reads. Anything else in `alignment` is a 400 naming the field.
+_MIXTURE = {"weights", "transform", "caps"}
+METHOD_FIELDS: dict[str, set[str]] = {
+    # `none` may name a mixture: the answer is then scored and the receipt shows its rewards.
+    "none": set(_MIXTURE),
+    "best_of_n": _MIXTURE | {"n", "early_pruning", "chunk_tokens", "keep_fraction"},
+    "vas": {"weights", "beta", "top_k"},
+    "transfer_q": _MIXTURE | {"alpha", "top_k", "block", "rollout_tokens", "baseline", "transfer", "indirect_coef"},
+    "args": _MIXTURE | {"alpha", "top_k", "block"},
+}
+# Methods that need a non-empty reward mixture.
+REWARD_METHODS = {"best_of_n", "vas", "transfer_q", "args"}
+
+
+class AlignmentParams(BaseModel):
+    """The `alignment` request extension (sent through the openai client's `extra_body`)."""
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["none", "best_of_n", "vas", "transfer_q", "args"] = "none"
+    # The reward mixture (shared by every method).
+    weights: dict[str, float] | None = None
+    transform: Literal["raw", "standardize", "log_sigmoid"] | None = None
+    caps: dict[str, float] | None = None
+    # best_of_n
+    n: int | None = Field(default=None, ge=1)
+    early_pruning: bool | None = None
+    chunk_tokens: int | None = Field(default=None, ge=1)
+    keep_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    # vas
+    beta: float | None = None
+    # vas, transfer_q, args
+    top_k: int | None = Field(default=None, ge=1)
+    # transfer_q, args
+    alpha: float | None = None
+    block: int | None = Field(default=None, ge=1)
+    rollout_tokens: int | None = Field(default=None, ge=0)
+    baseline: str | None = Field(default=None, max_length=128)
+    transfer: Literal["auto", "direct", "indirect"] | None = None
+    indirect_coef: float | None = None
+
+    @field_validator("weights", "caps")
+    @classmethod
+    def _finite_values(cls, v: dict[str, float] | None, info) -> dict[str, float] | None:
+        if v is None:
+            return v
+        for key, value in v.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{info.field_name}.{key} must be a finite number")
+        return v
+
+    @field_validator("beta", "alpha", "indirect_coef")
+    @classmethod
+    def _finite(cls, v: float | None, info) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"{info.field_name} must be a finite number")
+        return v
+
+    @model_validator(mode="after")
+    def _knobs_belong_to_method(self) -> "AlignmentParams":
+        allowed = METHOD_FIELDS[self.method]
+        for name in self.model_fields_set - {"method"}:
+            if getattr(self, name) is not None and name not in allowed:
+                raise ValueError(f"`{name}` is not a parameter of method '{self.method}' "
+                                 f"(it takes: {', '.join(sorted(allowed)) or 'nothing'})")
+        return self
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        """Server-side ranges (configurable, see LimitsConfig). Raises BadRequest."""
+        from server.errors import BadRequest
+
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise BadRequest(msg, param=f"alignment.{field}", code="invalid_value")
+
+        for key, w in (self.weights or {}).items():
+            need(0.0 <= w <= limits.max_weight, f"weights.{key}",
+                 f"weight of '{key}' must be in [0, {limits.max_weight}], got {w}")
+        if self.method in REWARD_METHODS:
+            need(bool(self.weights) and any(w > 0 for w in self.weights.values()), "weights",
+                 f"method '{self.method}' needs `weights` with at least one positive weight")
+        if self.n is not None:
+            need(self.n <= limits.max_best_of_n, "n", f"n must be <= {limits.max_best_of_n}")
+        if self.top_k is not None:
+            need(self.top_k <= limits.max_top_k, "top_k", f"top_k must be <= {limits.max_top_k}")
+        if self.block is not None:
+            need(self.block <= limits.max_block, "block", f"block must be <= {limits.max_block}")
+        if self.rollout_tokens is not None:
+            need(self.rollout_tokens <= limits.max_rollout_tokens, "rollout_tokens",
+                 f"rollout_tokens must be <= {limits.max_rollout_tokens}")
+        if self.beta is not None:
+            need(0.0 <= self.beta <= limits.max_beta, "beta", f"beta must be in [0, {limits.max_beta}]")
+        if self.alpha is not None:
+            need(0.0 <= self.alpha <= limits.max_alpha, "alpha", f"alpha must be in [0, {limits.max_alpha}]")
+        if self.chunk_tokens is not None:
+            need(self.chunk_tokens <= limits.max_tokens, "chunk_tokens", f"chunk_tokens must be <= {limits.max_tokens}")
+
+
+# ----------------------------------------------------------------------------- requests
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by chat and completions, with their OpenAI defaults noted."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logprobs: Any = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = Field(default=None, max_length=256)
+    # The one namespaced extension.
+    alignment: AlignmentParams | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    # Overridden by each request type.
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def method(self) -> str:
+        return self.alignment.method if self.alignment else "none"
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        from server.errors import BadRequest
+
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is not None and max_tokens > limits.max_tokens:
+            param = "max_completion_tokens" if getattr(self, "max_completion_tokens", None) else "max_tokens"
+            raise BadRequest(f"{param} must be <= {limits.max_tokens}, got {max_tokens}", param=param,
+                             code="invalid_value")
+        if (self.n or 1) > limits.max_n:
+            raise BadRequest(f"n must be <= {limits.max_n}", param="n", code="invalid_value")
+        if (self.n or 1) > 1 and self.temperature == 0 and self.method != "best_of_n":
+            raise BadRequest("n > 1 needs temperature > 0 (greedy decoding gives n identical choices)",
+                             param="n", code="invalid_value")
+        if self.alignment:
+            self.alignment.check_limits(limits)
+            if self.alignment.method == "best_of_n" and (self.n or 1) > (self.alignment.n or 0):
+                raise BadRequest(f"n ({self.n or 1}) must not exceed alignment.n, the number of candidates "
+                                 f"({self.alignment.n})", param="alignment.n", code="invalid_value")
+
+    def to_sampling_params(self, limits: LimitsConfig, prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
+        """vllm.SamplingParams kwargs: user value -> server default -> OpenAI default."""
+        max_tokens = self.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = limits.default_max_tokens
+        max_tokens = min(max_tokens, max(1, max_model_len - prompt_tokens))
+        params: dict[str, Any] = {
+            "n": self.n if self.n is not None else 1,
+            "max_tokens": max_tokens,
+            "temperature": self.temperature if self.temperature is not None else 1.0,
+            "top_p": self.top_p if self.top_p is not None else 1.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "seed": self.seed,
+            "stop": self.stop,
+        }
+        k = self.num_logprobs()
+        if k is not None:
+            params["logprobs"] = k
+        return params
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    # OpenAI order: messages, model, ..., logprobs, max_completion_tokens, max_tokens, ...
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        for m in self.messages:
+            m.text()
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] = Field(...)
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+            if len(v) != 1:
+                raise ValueError("batched prompts are not supported: send one prompt per request")
+            return v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "CompletionRequest":
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+# ----------------------------------------------------------------------------- responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "alignserve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,78 @@
+"""`make serve`: run the application locally on Ray Serve until Ctrl-C / SIGTERM.
+
+    python -m server.serve [--host 127.0.0.1] [--port 8000] [--config my.yaml]
+
+The config file (optional) is a ServerConfig dict, the same as `args` in
+deploy/serve_config.yaml; without one the embedded default model is served.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import yaml
+
+logger = logging.getLogger("alignserve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--config", help="YAML/JSON file with ServerConfig fields (or a Serve config; its first app's args)")
+    parser.add_argument("--num-cpus", type=int, default=int(os.environ.get("RAY_NUM_CPUS", "8")),
+                        help="logical CPUs for Ray (more than cores, so all deployments schedule on small machines)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    config: dict = {}
+    if args.config:
+        with open(args.config) as f:
+            config = yaml.safe_load(f) or {}
+        if "applications" in config:
+            config = config["applications"][0].get("args", {}) or {}
+
+    t0 = time.time()
+    from server.config import ServerConfig
+    from server.model_cache import resolve_model
+
+    # Materialize the model before Ray starts, so its log line is visible and replicas reuse it.
+    resolve_model(ServerConfig.model_validate(config).model)
+
+    import ray
+    from ray import serve
+
+    from server.app import build_app
+
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        serve.run(build_app(config), name="alignserve", route_prefix="/", blocking=False)
+        logger.info("alignserve ready in %.1fs: http://%s:%d/v1 (model %s)", time.time() - t0, args.host, args.port,
+                    ServerConfig.model_validate(config).model_name)
+        print(f"READY http://{args.host}:{args.port}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        # Graceful: Serve drains in-flight requests of each replica before stopping it.
+        serve.shutdown()
+        ray.shutdown()
+        logger.info("alignserve stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Unit tests of the wire protocol: request -> engine parameters, defaults, validation."""
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from server.config import LimitsConfig
+from server.errors import BadRequest
+from server.protocol import AlignmentParams, ChatCompletionRequest, CompletionRequest
+
+LIMITS = LimitsConfig()
+
+
+def chat(**kw):
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def test_openai_defaults_when_user_and_server_are_silent():
+    p = chat().to_sampling_params(LIMITS, prompt_tokens=10, max_model_len=2048)
+    assert p == {"n": 1, "max_tokens": LIMITS.default_max_tokens, "temperature": 1.0, "top_p": 1.0,
+                 "frequency_penalty": 0.0, "presence_penalty": 0.0, "seed": None, "stop": None}
+
+
+def test_user_values_win():
+    p = chat(max_tokens=7, temperature=0.3, top_p=0.5, n=2, seed=42, stop="x",
+             frequency_penalty=0.1, presence_penalty=-0.2).to_sampling_params(LIMITS, 10, 2048)
+    assert p["max_tokens"] == 7 and p["temperature"] == 0.3 and p["top_p"] == 0.5 and p["n"] == 2
+    assert p["seed"] == 42 and p["stop"] == ["x"]
+    assert p["frequency_penalty"] == 0.1 and p["presence_penalty"] == -0.2
+
+
+def test_server_default_max_tokens_then_context_cap():
+    limits = LimitsConfig(default_max_tokens=33)
+    assert chat().to_sampling_params(limits, 10, 2048)["max_tokens"] == 33
+    # Never more than the context leaves.
+    assert chat(max_tokens=500).to_sampling_params(limits, 2040, 2048)["max_tokens"] == 8
+
+
+def test_max_completion_tokens_preferred_over_max_tokens():
+    r = chat(max_tokens=50, max_completion_tokens=5)
+    assert r.to_sampling_params(LIMITS, 1, 2048)["max_tokens"] == 5
+
+
+def test_logprobs_mapping():
+    assert chat(logprobs=True, top_logprobs=3).to_sampling_params(LIMITS, 1, 2048)["logprobs"] == 3
+    assert chat(logprobs=True).to_sampling_params(LIMITS, 1, 2048)["logprobs"] == 0
+    assert "logprobs" not in chat().to_sampling_params(LIMITS, 1, 2048)
+    c = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 2})
+    assert c.to_sampling_params(LIMITS, 1, 2048)["logprobs"] == 2
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -1}, {"temperature": 3}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 0},
+    {"top_logprobs": 3}, {"messages": []}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]},
+    {"messages": [{"role": "wizard", "content": "x"}]}, {"stream_options": {"bogus": 1}},
+])
+def test_invalid_fields_rejected(bad):
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({**base, **bad})
+
+
+def test_unknown_top_level_fields_ignored_like_openai():
+    assert chat(some_future_field=1).model == "m"
+
+
+def test_limits_are_enforced_with_param_names():
+    with pytest.raises(BadRequest) as e:
+        chat(max_tokens=LIMITS.max_tokens + 1).check_limits(LIMITS)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(BadRequest) as e:
+        chat(n=LIMITS.max_n + 1).check_limits(LIMITS)
+    assert e.value.param == "n"
+    with pytest.raises(BadRequest) as e:
+        chat(n=2, temperature=0).check_limits(LIMITS)
+    assert e.value.param == "n"
+
+
+def test_completion_prompt_forms():
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["one"]}).prompt == "one"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3]}).prompt == [1, 2, 3]
+    for bad in (["a", "b"], [], {"x": 1}):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate({"model": "m", "prompt": bad})
+
+
+# ----------------------------------------------------------------------------- alignment
+
+def test_alignment_defaults_to_none():
+    assert chat().method == "none"
+    assert chat(alignment={}).method == "none"
+
+
+@pytest.mark.parametrize("alignment, field", [
+    ({"method": "beam"}, "method"),
+    ({"method": "none", "bogus": 1}, "bogus"),
+    ({"method": "best_of_n", "n": 4, "weights": {"a": 1}, "beta": 1.0}, "beta"),
+    ({"method": "vas", "weights": {"a": 1}, "rollout_tokens": 3}, "rollout_tokens"),
+    ({"method": "vas", "weights": {"a": float("nan")}}, "weights"),
+    ({"method": "vas", "weights": {"a": 1}, "beta": float("inf")}, "beta"),
+    ({"method": "best_of_n", "n": 0, "weights": {"a": 1}}, "n"),
+    ({"method": "transfer_q", "weights": {"a": 1}, "transfer": "sideways"}, "transfer"),
+    ({"method": "best_of_n", "weights": {"a": 1}, "transform": "cube"}, "transform"),
+    ({"method": "best_of_n", "weights": "heavy"}, "weights"),
+])
+def test_alignment_strict_validation(alignment, field):
+    with pytest.raises(ValidationError) as e:
+        AlignmentParams.model_validate(alignment)
+    assert field in str(e.value)
+
+
+@pytest.mark.parametrize("alignment, param", [
+    ({"method": "best_of_n", "n": 4}, "alignment.weights"),
+    ({"method": "best_of_n", "n": 4, "weights": {}}, "alignment.weights"),
+    ({"method": "best_of_n", "n": 4, "weights": {"a": 0}}, "alignment.weights"),
+    ({"method": "best_of_n", "n": 4, "weights": {"a": -1}}, "alignment.weights.a"),
+    ({"method": "best_of_n", "n": 4, "weights": {"a": 1e9}}, "alignment.weights.a"),
+    ({"method": "best_of_n", "n": 10_000, "weights": {"a": 1}}, "alignment.n"),
+    ({"method": "vas", "weights": {"a": 1}, "top_k": 10_000}, "alignment.top_k"),
+    ({"method": "vas", "weights": {"a": 1}, "beta": -1}, "alignment.beta"),
+    ({"method": "transfer_q", "weights": {"a": 1}, "rollout_tokens": 10_000}, "alignment.rollout_tokens"),
+    ({"method": "transfer_q", "weights": {"a": 1}, "block": 10_000}, "alignment.block"),
+    ({"method": "transfer_q", "weights": {"a": 1}, "alpha": 1e6}, "alignment.alpha"),
+])
+def test_alignment_server_limits(alignment, param):
+    with pytest.raises(BadRequest) as e:
+        chat(alignment=alignment).check_limits(LIMITS)
+    assert e.value.param == param
+    assert e.value.body()["error"]["param"] == param
+
+
+def test_best_of_n_returns_at_most_its_candidates():
+    with pytest.raises(BadRequest) as e:
+        chat(n=3, alignment={"method": "best_of_n", "n": 2, "weights": {"a": 1}}).check_limits(LIMITS)
+    assert e.value.param == "alignment.n"
+    chat(n=2, alignment={"method": "best_of_n", "n": 4, "weights": {"a": 1}}).check_limits(LIMITS)
+
+
+def test_error_body_is_openai_shaped():
+    body = BadRequest("nope", param="x", code="c").body()
+    assert body == {"error": {"message": "nope", "type": "invalid_request_error", "param": "x", "code": "c"}}
+    assert math.isfinite(LIMITS.max_weight)
