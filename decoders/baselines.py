@@ -1,0 +1,262 @@
+"""Baseline aligned models for Transfer Q* (and the rollout prompts built from them).
+
+A *baseline* is a model already aligned to some reward(s) ``r_BL`` whose rollouts estimate the
+value Q*(s, z) of a candidate continuation z (Chakraborty et al. 2024, "Transfer Q Star").
+Three kinds are registered in ``ServerConfig.baselines`` (``server/config.py::BaselineConfig``):
+
+* ``prompted``: the *base* model itself, steered by a system prompt toward the objective(s) in
+  ``aligned_to``. Rollouts run on the same engine, only the context differs (so vLLM prefix
+  caching shares the context across the k rollouts of a step). This is the only kind the
+  embedded default uses.
+* ``lora``: a LoRA adapter on the base model (``path`` = adapter dir). Rollouts run on the same
+  engine with ``params["lora_request"] = {"lora_name", "lora_path"}``; the engine handle turns
+  that dict into a ``vllm.lora.request.LoRARequest`` (the engine must be started with LoRA on).
+* ``model``: another model served by vLLM (``path`` = model dir / id). Rollouts go to a separate
+  generator named by :func:`rollout_generator_name`; because its tokenizer may differ, the
+  decoder re-tokenizes prefix + candidate through text for it.
+
+Everything here is pure (no engine, no tokenizer): chat rendering is injected as a
+``render_chat(messages) -> list[int]`` callable, so the prompt construction is unit-testable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from server.config import BaselineConfig
+from server.errors import BadRequest
+
+BASELINE_PARAM = "alignment.baseline"
+
+
+class ParamError(BadRequest, ValueError):
+    """A bad request parameter: an OpenAI-shaped 400 (``BadRequest``) that is also a ``ValueError``."""
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+_POSITIVE = ("You are a warm, friendly and upbeat assistant. Answer helpfully, using positive, "
+             "encouraging and kind wording.")
+_HARMLESS = ("You are a careful, harmless assistant. Answer helpfully and politely; never use "
+             "profanity, insults, slurs or offensive language, and decline harmful requests gently.")
+_ON_TOPIC = ("You are a focused assistant. Answer exactly what the user asked, staying on the "
+             "topic of the question and reusing its key terms; do not digress.")
+_CONCISE = ("You are a concise assistant. Answer in as few words as possible: one or two short "
+            "sentences, no preamble, no repetition.")
+_WARM_HARMLESS = ("You are a warm, kind and harmless assistant. Answer helpfully with positive, "
+                  "encouraging wording; never use profanity, insults or offensive language.")
+
+
+def default_baseline_configs() -> dict[str, BaselineConfig]:
+    """The embedded default baselines: one ``prompted`` baseline per default objective
+    (sentiment, safety, relevance, brevity), plus one for the common sentiment+safety pair."""
+    return {
+        "positive": BaselineConfig(kind="prompted", aligned_to=["sentiment"], system_prompt=_POSITIVE,
+                                   description="Base model prompted for warm, upbeat, positive wording."),
+        "harmless": BaselineConfig(kind="prompted", aligned_to=["safety"], system_prompt=_HARMLESS,
+                                   description="Base model prompted to avoid profanity and offensive language."),
+        "on_topic": BaselineConfig(kind="prompted", aligned_to=["relevance"], system_prompt=_ON_TOPIC,
+                                   description="Base model prompted to stay on the question's topic."),
+        "concise": BaselineConfig(kind="prompted", aligned_to=["brevity"], system_prompt=_CONCISE,
+                                  description="Base model prompted for short answers."),
+        "warm_harmless": BaselineConfig(kind="prompted", aligned_to=["sentiment", "safety"],
+                                        system_prompt=_WARM_HARMLESS,
+                                        description="Base model prompted to be both positive and harmless."),
+    }
+
+
+def validate_baselines(baselines: Mapping[str, BaselineConfig], objectives: Iterable[str]) -> None:
+    """Check a baseline registry against the registered objectives (call at config load).
+
+    Raises ValueError naming the first offending baseline.
+    """
+    known = set(objectives)
+    for name, bl in baselines.items():
+        missing = [o for o in bl.aligned_to if o not in known]
+        if missing:
+            raise ValueError(f"baseline {name!r}: aligned_to names unregistered objective(s) {missing}; "
+                             f"registered: {sorted(known)}")
+        if bl.kind in ("lora", "model") and not bl.path:
+            raise ValueError(f"baseline {name!r}: kind {bl.kind!r} needs a path")
+
+
+def _overlap(weights: Mapping[str, float], bl: BaselineConfig) -> tuple[float, int]:
+    total = sum(float(weights.get(o, 0.0)) for o in set(bl.aligned_to))
+    extra = sum(1 for o in set(bl.aligned_to) if float(weights.get(o, 0.0)) == 0.0)
+    return total, extra
+
+
+def default_baseline_for(weights: Mapping[str, float], baselines: Mapping[str, BaselineConfig]) -> str:
+    """The baseline that best fits a reward mixture.
+
+    Highest total weight of the weighted objectives it is aligned to (a negative weight counts
+    against a baseline aligned to that objective); ties: fewest aligned objectives the request
+    does not weight (prefer an exact match), then name.
+    """
+    if not baselines:
+        raise ParamError("no baselines are registered; Transfer Q* needs one", param=BASELINE_PARAM)
+
+    def key(name: str):
+        total, extra = _overlap(weights, baselines[name])
+        return (-total, extra, name)
+
+    return min(baselines, key=key)
+
+
+def resolve_baseline(name: str | None, weights: Mapping[str, float],
+                     baselines: Mapping[str, BaselineConfig]) -> tuple[str, BaselineConfig]:
+    """``name`` (the request's ``alignment.baseline``) or the default for ``weights``."""
+    if name is None:
+        name = default_baseline_for(weights, baselines)
+    if name not in baselines:
+        raise ParamError(f"unknown baseline {name!r} in alignment.baseline; registered baselines: "
+                         f"{', '.join(sorted(baselines)) or '(none)'}", param=BASELINE_PARAM,
+                         code="unknown_baseline")
+    return name, baselines[name]
+
+
+def resolve_transfer(transfer: str, weights: Mapping[str, float], baseline_aligned_to: Sequence[str]) -> str:
+    """``"direct"`` or ``"indirect"``.
+
+    ``auto``: direct when the baseline is aligned to every objective with a non-zero weight and
+    all those weights are positive (a negative weight asks for the opposite of what the
+    baseline was aligned to); otherwise indirect. An all-zero mixture is direct (Q = 0 anyway).
+    """
+    if transfer in ("direct", "indirect"):
+        return transfer
+    if transfer != "auto":
+        raise ParamError(f"alignment.transfer must be 'auto', 'direct' or 'indirect', got {transfer!r}",
+                         param="alignment.transfer")
+    aligned = set(baseline_aligned_to)
+    active = {o: float(w) for o, w in weights.items() if float(w) != 0.0}
+    if all(o in aligned and w > 0 for o, w in active.items()):
+        return "direct"
+    return "indirect"
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout prompts
+# --------------------------------------------------------------------------------------------
+
+Messages = list[dict[str, Any]]
+
+
+def _prepend_text(content: Any, text: str) -> Any:
+    if content is None or content == "":
+        return text
+    if isinstance(content, str):
+        return f"{text}\n\n{content}"
+    if isinstance(content, list):  # OpenAI content parts
+        return [{"type": "text", "text": text}] + list(content)
+    return f"{text}\n\n{content}"
+
+
+def baseline_messages(baseline: BaselineConfig, messages: Sequence[Mapping[str, Any]],
+                      system_mode: str = "prepend") -> Messages:
+    """The baseline's chat context for a chat request.
+
+    With a ``system_prompt``: ``system_mode="prepend"`` (default) puts it first in the request's
+    system message (the request's own system instructions are kept after it) or adds a system
+    message when there is none; ``"replace"`` drops the request's system message(s) and uses the
+    baseline's alone. Without a ``system_prompt`` the messages are returned unchanged (copied).
+    """
+    msgs = [dict(m) for m in messages]
+    sp = baseline.system_prompt
+    if not sp:
+        return msgs
+    if system_mode == "replace":
+        return [{"role": "system", "content": sp}] + [m for m in msgs if m.get("role") != "system"]
+    if system_mode != "prepend":
+        raise ValueError(f"system_mode must be 'prepend' or 'replace', got {system_mode!r}")
+    if msgs and msgs[0].get("role") == "system":
+        msgs[0]["content"] = _prepend_text(msgs[0].get("content"), sp)
+        return msgs
+    return [{"role": "system", "content": sp}] + msgs
+
+
+def build_rollout_context(baseline: BaselineConfig, messages_or_prompt: Any, *,
+                          render_chat: Callable[[Messages], list[int]] | None = None,
+                          encode: Callable[[str], list[int]] | None = None,
+                          system_mode: str = "prepend") -> list[int]:
+    """Token ids of the baseline's context (what the rollouts continue from, before the answer).
+
+    * chat request (a list of message dicts): ``render_chat(baseline_messages(...))``.
+      ``render_chat`` must apply the chat template *with the generation prompt*, exactly as the
+      base prompt is rendered, so that ``context + answer-so-far`` is a well-formed prompt.
+    * completion request, text prompt: ``encode(system_prompt + "\\n\\n" + prompt)`` (or
+      ``encode(prompt)`` without a system prompt).
+    * completion request, token-id prompt: ``encode(system_prompt + "\\n\\n") + prompt``.
+    """
+    if isinstance(messages_or_prompt, str):
+        if encode is None:
+            raise ValueError("a text prompt needs `encode`")
+        sp = baseline.system_prompt
+        return list(encode(f"{sp}\n\n{messages_or_prompt}" if sp else messages_or_prompt))
+    seq = list(messages_or_prompt)
+    if seq and all(isinstance(t, int) for t in seq):
+        sp = baseline.system_prompt
+        if not sp:
+            return seq
+        if encode is None:
+            raise ValueError("a token-id prompt with a system prompt needs `encode`")
+        return list(encode(f"{sp}\n\n")) + seq
+    if render_chat is None:
+        raise ValueError("a chat request needs `render_chat`")
+    return list(render_chat(baseline_messages(baseline, seq, system_mode)))
+
+
+def build_rollout_prompt(baseline: BaselineConfig, messages_or_prompt: Any,
+                         prefix_ids: Sequence[int] = (), candidate_ids: Sequence[int] = (), *,
+                         render_chat: Callable[[Messages], list[int]] | None = None,
+                         encode: Callable[[str], list[int]] | None = None,
+                         system_mode: str = "prepend") -> list[int]:
+    """The full rollout prompt: baseline context + already generated prefix + candidate."""
+    ctx = build_rollout_context(baseline, messages_or_prompt, render_chat=render_chat, encode=encode,
+                                system_mode=system_mode)
+    return ctx + list(prefix_ids) + list(candidate_ids)
+
+
+def rollout_extra_params(name: str, baseline: BaselineConfig) -> dict[str, Any]:
+    """Extra generate params for the baseline's rollouts (``lora`` → a LoRA request)."""
+    if baseline.kind == "lora":
+        return {"lora_request": {"lora_name": name, "lora_path": baseline.path}}
+    return {}
+
+
+def rollout_generator_name(name: str, baseline: BaselineConfig) -> str | None:
+    """Which generator runs the rollouts: ``None`` = the base engine (prompted, lora); for
+    ``model``, the separately served model (its ``path``, or the baseline name)."""
+    if baseline.kind == "model":
+        return baseline.path or name
+    return None
+
+
+@dataclass
+class RolloutTarget:
+    """Everything a decoder needs to roll out a baseline for one request."""
+    name: str
+    baseline: BaselineConfig
+    context_ids: list[int]
+    params: dict[str, Any] = field(default_factory=dict)
+    generator: str | None = None
+
+    @property
+    def aligned_to(self) -> list[str]:
+        return list(self.baseline.aligned_to)
+
+
+def prepare_rollout(name: str | None, weights: Mapping[str, float], baselines: Mapping[str, BaselineConfig],
+                    messages_or_prompt: Any, *, render_chat: Callable[[Messages], list[int]] | None = None,
+                    encode: Callable[[str], list[int]] | None = None,
+                    system_mode: str = "prepend") -> RolloutTarget:
+    """Resolve the baseline (explicit or default) and build its rollout context.
+
+    For ``model`` baselines pass that model's ``render_chat``/``encode``.
+    """
+    name, bl = resolve_baseline(name, weights, baselines)
+    ctx = build_rollout_context(bl, messages_or_prompt, render_chat=render_chat, encode=encode,
+                                system_mode=system_mode)
+    return RolloutTarget(name=name, baseline=bl, context_ids=ctx, params=rollout_extra_params(name, bl),
+                         generator=rollout_generator_name(name, bl))
