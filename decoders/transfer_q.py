@@ -395,7 +395,11 @@ async def transfer_q_decode(gen: Generator, scorer: Scorer, mixture: Any, object
                 raise RuntimeError("non-finite Q value")
 
         # d. select
-        choice = select_candidate([c.logprob for c in cands], q, alpha=params.alpha, temperature=temperature,
+        # Block candidates are samples from pi_base already: resampling them by exp(alpha*Q) targets
+        # pi_base*exp(alpha*Q); adding their base log-prob again would count pi_base twice.
+        # Token-level candidates are the deterministic top-k, so their base log-prob belongs in the score.
+        sel_lp = [c.logprob for c in cands] if params.block == 1 else [0.0] * len(cands)
+        choice = select_candidate(sel_lp, q, alpha=params.alpha, temperature=temperature,
                                   top_p=top_p, rng=step_rng(seed, step) if temperature > 0 else None)
         chosen = cands[choice]
         if q is not None:
