@@ -78,8 +78,8 @@ def _logprob_records(c: dict[str, Any], k: int | None) -> list[dict] | None:
 
 # ----------------------------------------------------------------------------- none, vas
 
-async def _engine_stream(ctx) -> AsyncIterator[Any]:
-    params = dict(ctx.sampling)
+async def _engine_stream(ctx, sampling: dict[str, Any] | None = None, **receipt_extra) -> AsyncIterator[Any]:
+    params = dict(sampling or ctx.sampling)
     a = ctx.req.alignment
     if ctx.method == "vas":
         params["extra_args"] = {"vas": {"weights": {o: ctx.mixture.weights[o] for o in ctx.mixture.active()},
@@ -102,7 +102,7 @@ async def _engine_stream(ctx) -> AsyncIterator[Any]:
             vas_stats[int(i)] = s
     gen_s = time.perf_counter() - t_gen
 
-    receipt = _receipt(ctx)
+    receipt = _receipt(ctx, **receipt_extra)
     if ctx.method == "vas":
         missing = [i for i in texts if vas_stats.get(i) is None]
         if missing:
@@ -201,6 +201,14 @@ async def _transfer_q(ctx) -> AsyncIterator[Any]:
         rollout_tokens=0 if ctx.method == "args" else pick(a.rollout_tokens, RECOMMENDED_DEFAULTS["rollout_tokens"]),
         baseline=a.baseline, transfer=pick(a.transfer, "auto"), indirect_coef=pick(a.indirect_coef, 0.5),
     ).validate(ing.config.limits)
+    if params.alpha == 0:
+        # pi_base * exp(0 * Q) is the base distribution (restricted to the top-k at token level):
+        # decode it directly, with no rollouts or scoring, so alpha = 0 is exactly base decoding.
+        sampling = dict(ctx.sampling, top_k=params.top_k) if params.block == 1 else ctx.sampling
+        async for ev in _engine_stream(ctx, sampling, note="alpha=0: base decoding, no rollouts",
+                                       cost={"steps": 0, "candidates": 0, "rollouts": 0, "rollout_tokens": 0}):
+            yield ev
+        return
     target = prepare_rollout(params.baseline, {o: m.weights[o] for o in m.active()}, ing.baselines,
                              ctx.messages if ctx.messages is not None else ctx.prompt_text,
                              render_chat=ing.render_chat, encode=lambda t: ing.tokenizer.encode(t, add_special_tokens=False))

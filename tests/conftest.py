@@ -57,11 +57,13 @@ def start_server(tmp_dir: Path, config_path: Path | None = None, env: dict | Non
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200 and httpx.get(f"{url}/v1/models", timeout=5).status_code in (200, 401):
-                return RunningServer(url, proc, log)
-        except httpx.HTTPError:
-            pass
+        # `server.serve` prints READY once every deployment (engine included) is running.
+        if "READY http" in log.read_text(errors="replace"):
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    return RunningServer(url, proc, log)
+            except httpx.HTTPError:
+                pass
         time.sleep(1)
     stop_server(RunningServer(url, proc, log))
     raise RuntimeError(f"server not ready in {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")

@@ -1,0 +1,134 @@
+"""The OpenAI-compatible API on the real app (Ray Serve + vLLM + embedded model), driven by the
+official `openai` client."""
+import json
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MSG = [{"role": "user", "content": "Name three colors."}]
+
+
+def test_models_and_health(server, client, model_name):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    models = client.models.list().data
+    assert [m.id for m in models] == [model_name] == ["SmolLM2-135M-Instruct"]
+
+
+def test_chat_completion_with_usage(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=MSG, max_tokens=12, seed=1)
+    c = r.choices[0]
+    assert r.object == "chat.completion" and c.message.role == "assistant" and c.message.content
+    assert c.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.model_extra["alignment"] == {"method": "none"}
+
+
+def test_max_tokens_respected_and_length_finish(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Write a long story."}],
+                                       max_completion_tokens=5, seed=0)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+
+
+def test_text_completion(client, model_name):
+    r = client.completions.create(model=model_name, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text
+    assert r.usage.completion_tokens <= 6
+
+
+def test_streaming_chat_matches_usage(client, model_name):
+    stream = client.chat.completions.create(model=model_name, messages=MSG, max_tokens=16, seed=3, stream=True,
+                                            stream_options={"include_usage": True})
+    text, finish, usage, roles = "", None, None, []
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            if ch.delta.role:
+                roles.append(ch.delta.role)
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    assert roles == ["assistant"] and text and finish in ("stop", "length")
+    assert usage is not None and 0 < usage.completion_tokens <= 16
+    # The same seed without streaming gives the same answer.
+    r = client.chat.completions.create(model=model_name, messages=MSG, max_tokens=16, seed=3)
+    assert r.choices[0].message.content == text
+
+
+def test_streaming_raw_sse_ends_with_done(server, model_name):
+    body = {"model": model_name, "prompt": "Once upon a time", "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_n_choices_and_seed_reproducibility(client, model_name):
+    kw = dict(model=model_name, messages=[{"role": "user", "content": "Tell me a fun fact."}], max_tokens=16,
+              n=3, seed=11, temperature=1.0)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1
+    assert a.usage.completion_tokens > 16  # three choices counted
+
+
+def test_stop_sequence(client, model_name):
+    r = client.completions.create(model=model_name, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
+    assert " 7" not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_chat_and_completion(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=MSG, max_tokens=4, logprobs=True, top_logprobs=2,
+                                       temperature=0)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    # Greedy: the chosen token is the most likely one.
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-4 for t in content)
+    c = client.completions.create(model=model_name, prompt="Hello", max_tokens=3, logprobs=2, temperature=0)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+
+
+def test_unknown_model_is_404_in_openai_shape(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=MSG)
+    err = e.value.body
+    assert err["param"] == "model" and err["code"] == "model_not_found" and "message" in err and "type" in err
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"temperature": 5}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 2, "temperature": 0}, "n"),
+    ({"extra_body": {"alignment": {"method": "telepathy"}}}, "alignment.method"),
+    ({"extra_body": {"alignment": {"method": "none", "surprise": 1}}}, "alignment.surprise"),
+])
+def test_invalid_fields_are_400_naming_the_param(client, model_name, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=MSG, **kw)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_malformed_json_is_400(server):
+    r = httpx.post(f"{server.base_url}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_metrics_exposes_method_labelled_series(server, client, model_name):
+    client.chat.completions.create(model=model_name, messages=MSG, max_tokens=4)
+    text = server.metrics()
+    for name in ("alignserve_requests_total", "alignserve_request_latency_seconds_bucket",
+                 "alignserve_time_to_first_token_seconds_bucket", "alignserve_output_tokens_total",
+                 "alignserve_requests_in_flight"):
+        assert name in text
+    assert 'alignserve_requests_total{method="none",status="200"}' in text
