@@ -9,7 +9,7 @@ PORT   ?= 8000
 EXTRA  ?= cpu
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install serve test test-unit bench bench-bon bench-vas bench-tq loadtest eval train-values clean
+.PHONY: install serve test test-unit bench bench-alignment loadtest eval train-values clean
 
 install: $(STAMP)
 
@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml scripts/install.sh
 	EXTRA=$(EXTRA) PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
 	@touch $@
 
+# CONFIG: optional YAML with ServerConfig fields (another model, objectives, limits, ...).
+CONFIG ?=
 serve: install
-	$(PY) -m server.serve --host $(HOST) --port $(PORT)
+	$(PY) -m server.serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
 test: install
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
@@ -29,8 +31,28 @@ test-unit: install
 bench: install
 	$(PY) -m loadtests.bench_serving
 
+bench-alignment: install
+	$(PY) -m loadtests.bench_alignment
+
 loadtest: install
-	$(PY) -m loadtests.runner --url http://$(HOST):$(PORT) --concurrency 16 --requests 64
+	$(PY) -m loadtests.runner --url http://$(HOST):$(PORT) --concurrency 16 --requests 64 $(LOADTEST_ARGS)
+
+# The alignment evaluation and locust (docs/evaluation.md); both target a running `make serve` at HOST:PORT.
+EVAL_OUT  ?= out/eval
+EVAL_ARGS ?= --prompts chat_mix --limit 16 --max-tokens 48 --weights sentiment=1 \
+	--methods 'none,best_of_n:n=1|2|4|8|16,transfer_q:block=8,args:block=8,vas:beta=0|1|2|4' \
+	--pareto sentiment,brevity --pareto-methods 'best_of_n:n=8,vas:beta=2'
+eval: install
+	$(PY) -m loadtests.eval --url http://$(HOST):$(PORT) --out $(EVAL_OUT) $(EVAL_ARGS)
+
+LOCUST_USERS ?= 8
+LOCUST_RATE  ?= 2
+LOCUST_TIME  ?= 60s
+.PHONY: locust
+locust: install
+	@mkdir -p out/locust
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u $(LOCUST_USERS) -r $(LOCUST_RATE) \
+		-t $(LOCUST_TIME) --host http://$(HOST):$(PORT) --csv out/locust/run --only-summary
 
 clean:
 	rm -rf $(VENV) .pytest_cache

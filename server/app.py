@@ -9,6 +9,7 @@ layer renders those events as one JSON body or as SSE chunks, so every method st
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -20,12 +21,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import metrics
-from server.config import ServerConfig
+from server.config import LimitsConfig, ServerConfig
 from server.events import Delta, Finish, Outcome
 from server.errors import AlignmentFailed, APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, Unauthorized
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
+from server.protocol import (BEST_OF_N_DEFAULT, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard,
+                             ModelList, new_id, now)
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,20 +43,139 @@ async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    # Drop pydantic's union/function tags (e.g. "function-after[...]") from the parameter path.
-    loc = [p for p in loc if "[" not in p]
+    # Drop pydantic's union/function tags (e.g. "function-after[...]", "str") from the parameter path.
+    loc = [p for p in loc if "[" not in p and p not in _UNION_TAGS]
     msg = err.get("msg", "invalid request")
     if err.get("type") == "json_invalid":
         return JSONResponse(BadRequest("request body is not valid JSON", code="invalid_json").body(), status_code=400)
     if err.get("type") == "missing":
-        msg = f"missing required parameter: {'.'.join(loc)}"
+        msg = f"missing required parameter: {'.'.join(loc)}" if loc else "request body is missing"
     elif loc:
         msg = f"{'.'.join(loc)}: {msg}"
     return JSONResponse(BadRequest(msg, param=".".join(loc) or None, code=err.get("type")).body(), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404), wrong methods (405) and bodies FastAPI cannot decode (e.g. invalid UTF-8)."""
+    codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
+    err = APIError(str(exc.detail), code=codes.get(exc.status_code), status_code=exc.status_code)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+# ----------------------------------------------------------------------------- gate
+
+class _Gate:
+    """What the gate middleware checks before FastAPI reads or parses a body (set per replica)."""
+    max_request_bytes: int = LimitsConfig().max_request_bytes
+    api_keys: list[bytes] = []
+    metrics_require_auth: bool = False
+
+    # Always reachable without a key: liveness and the API's own description.
+    OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+    def needs_auth(self, path: str) -> bool:
+        if not self.api_keys or path in self.OPEN_PATHS:
+            return False
+        return path != "/metrics" or self.metrics_require_auth
+
+    def authorized(self, header: str) -> bool:
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        # Constant time: compare fixed-size digests, and look at every key (no early exit).
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        ok = False
+        for key in self.api_keys:
+            ok |= hmac.compare_digest(digest, key)
+        return ok and bool(token)
+
+
+_GATE = _Gate()
+
+
+# The deployment class is shipped to its replica by value (cloudpickle), and so would be a global
+# object its methods name (a copy of `_GATE`); these module functions reach the replica's real one.
+def _configure_gate(api_keys: list[str], metrics_require_auth: bool, max_request_bytes: int) -> None:
+    _GATE.api_keys = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+    _GATE.metrics_require_auth = metrics_require_auth
+    _GATE.max_request_bytes = max_request_bytes
+
+
+def _key_ok(authorization_header: str) -> bool:
+    return _GATE.authorized(authorization_header)
+
+
+def _unauthorized() -> Unauthorized:
+    return Unauthorized("invalid or missing API key (send `Authorization: Bearer <key>`)", code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+class _GateMiddleware:
+    """Pure ASGI: API keys, then `limits.max_request_bytes` (413), before any body is parsed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get("headers") or []}
+        if _GATE.needs_auth(scope.get("path", "")):
+            if not _GATE.authorized(headers.get(b"authorization", b"").decode("latin-1")):
+                metrics.REQUESTS_REJECTED.labels("unknown", "auth").inc()
+                return await self._reject(_unauthorized(), scope, receive, send)
+        limit = _GATE.max_request_bytes
+        too_large = BadRequest(f"request body is larger than {limit} bytes", code="request_too_large",
+                               status_code=413)
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await self._reject(BadRequest("invalid Content-Length header", code="invalid_body"),
+                                          scope, receive, send)
+            if n > limit:
+                metrics.REQUESTS_REJECTED.labels("unknown", "too_large").inc()
+                return await self._reject(too_large, scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # No Content-Length (chunked): read at most `limit` bytes, then replay them to the app.
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                metrics.REQUESTS_REJECTED.labels("unknown", "too_large").inc()
+                return await self._reject(too_large, scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _reject(err: APIError, scope, receive, send) -> None:
+        await JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)(scope, receive, send)
+
+
+app.add_middleware(_GateMiddleware)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -96,17 +218,56 @@ async def _first_event(events: AsyncIterator[Any], timeout: float):
 
 
 async def _with_release(gen: AsyncIterator[bytes], release: _Once, ctx: _Context, t0: float) -> AsyncIterator[bytes]:
-    deadline = t0 + ctx.ingress.config.limits.request_timeout_s
+    """Stream `gen` until it ends or the request deadline passes, even while it produces nothing."""
+    timeout = ctx.ingress.config.limits.request_timeout_s
+    deadline = t0 + timeout
+    pending: asyncio.Future | None = None
     try:
-        async for item in gen:
-            yield item
-            if time.perf_counter() > deadline:
-                yield f"data: {json.dumps(Timeout('request timed out', code='timeout').body())}\n\n".encode()
+        while True:
+            pending = asyncio.ensure_future(gen.__anext__())
+            await asyncio.wait({pending}, timeout=max(0.0, deadline - time.perf_counter()))
+            if not pending.done():
+                _record(ctx, t0, 504)
+                await _cancel(pending)
+                await ctx.ingress._abort(ctx.rid)
+                err = Timeout(f"request exceeded {timeout}s", code="timeout")
+                yield f"data: {json.dumps(err.body())}\n\n".encode()
                 yield b"data: [DONE]\n\n"
                 return
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
     finally:
+        if pending is not None and not pending.done():
+            await _cancel(pending)
         await gen.aclose()
         release()
+
+
+async def _cancel(fut: asyncio.Future) -> None:
+    fut.cancel()
+    try:
+        await fut
+    except BaseException:  # noqa: BLE001 - the stream was abandoned; its error no longer matters
+        pass
+
+
+class _Stream(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however it ends, even if its body was never iterated
+    (a client that disconnects before the first chunk), so budgets and engine requests are freed."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 def _track(ctx: _Context, ev) -> None:
@@ -135,6 +296,7 @@ def _record(ctx: _Context, t0: float, status: int) -> None:
     if getattr(ctx, "_recorded", False):
         return
     ctx._recorded = True
+    ctx._status = status
     m, out = ctx.method, ctx.outcome
     elapsed = time.perf_counter() - t0
     metrics.REQUESTS.labels(m, str(status)).inc()
@@ -194,6 +356,9 @@ def _text_logprobs(steps: list[dict]) -> dict[str, Any]:
             "text_offset": offsets}
 
 
+_UNAVAILABLE = frozenset({"EngineDeadError", "ActorDiedError", "ActorUnavailableError", "RayActorError"})
+
+
 def _as_api_error(e: BaseException) -> APIError:
     """Engine-side validation errors (vLLM raises ValueError subclasses) are the client's fault."""
     if isinstance(e, APIError):
@@ -201,6 +366,11 @@ def _as_api_error(e: BaseException) -> APIError:
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, APIError):
         return cause
+    if type(cause).__name__ in _UNAVAILABLE:
+        # The engine process died (or its replica is gone): Ray Serve's health check replaces the
+        # replica; until then this is a retryable 503, not an internal error.
+        return ServerError(f"the engine is unavailable ({type(cause).__name__}); retry later",
+                           code="engine_unavailable", status_code=503, headers={"Retry-After": "10"})
     if isinstance(cause, ValueError):
         msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         return BadRequest(msg, code="invalid_request")
@@ -219,6 +389,46 @@ def _load_api_keys(config: ServerConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- ingress
+
+def _error_doc(what: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": what}
+
+
+_ERRORS_GET: dict[int | str, dict[str, Any]] = {401: _error_doc("Missing or invalid API key")}
+_ERRORS_POST: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The completion; server-sent events (`data: {chunk}` ... `data: [DONE]`) when `stream` is true",
+          # OpenAPI 3.1: for an event stream, `schema` describes each event.
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string",
+                                      "description": "a JSON chunk, a JSON error body, or [DONE]"}}}}}},
+    400: _error_doc("Invalid request (the error's `param` names the field)"),
+    401: _error_doc("Missing or invalid API key"),
+    404: _error_doc("Unknown model"),
+    413: _error_doc("Request body larger than limits.max_request_bytes"),
+    429: _error_doc("Over limits.max_concurrent_cost (or the ingress queue); see Retry-After"),
+    502: _error_doc("A reward or value model failed; no unaligned answer is returned"),
+    503: _error_doc("The engine is down (being replaced) or the server is shutting down; see Retry-After"),
+    504: _error_doc("Request exceeded limits.request_timeout_s"),
+}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema, minus the 422 it documents for every body: validation errors here are 400s."""
+    if app.openapi_schema is None:
+        schema = _default_openapi()
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+_default_openapi = app.openapi
+app.openapi = _openapi
+
 
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(app)
@@ -244,20 +454,33 @@ class OpenAIIngress:
         eos = {self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get("<|im_end|>")}
         self.stop_token_ids = sorted(t for t in eos if isinstance(t, int) and t >= 0)
         self.api_keys = _load_api_keys(self.config)
+        # The gate middleware runs before routing (no `self` there): configure it for this replica.
+        _configure_gate(self.api_keys, self.config.metrics_require_auth, self.config.limits.max_request_bytes)
         self.cost_in_flight = 0
+        self.draining = False
         self._engine_info: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- plumbing
 
     def _authorize(self, request: Request) -> None:
+        """Also checked by the gate middleware before parsing; kept here as a second line."""
         if not self.api_keys:
             return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
+        if not _key_ok(request.headers.get("authorization", "")):
             metrics.REQUESTS_REJECTED.labels("unknown", "auth").inc()
-            raise Unauthorized("invalid or missing API key (send `Authorization: Bearer <key>`)",
-                               code="invalid_api_key")
+            raise _unauthorized()
+
+    def _test_hooks(self, request: Request) -> None:
+        if not self.config.enable_test_hooks:
+            raise APIError("Not Found", code="not_found", status_code=404)
+        self._authorize(request)
+
+    async def _abort(self, rid: str) -> None:
+        """Stop the engine work of a request that timed out (cancelling our awaits does not reach it)."""
+        try:
+            await asyncio.wait_for(self.engine.abort.remote(rid), timeout=3)
+        except Exception:  # noqa: BLE001 - best effort; the engine still bounds it by max_tokens
+            logger.warning("could not abort engine requests of %s", rid, exc_info=True)
 
     async def _value_models(self) -> list[str]:
         if self._engine_info is None:
@@ -279,27 +502,55 @@ class OpenAIIngress:
         if a is None or a.method in ("none", "vas"):
             return n
         if a.method == "best_of_n":
-            return a.n or 1
+            return a.n or BEST_OF_N_DEFAULT
         return n * (a.top_k or 4)
 
     # -------------------------------------------------------------- routes
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response)
     async def health(self) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=503 if self.draining else 200)
 
-    @app.get("/metrics")
+    async def drain(self, timeout_s: float) -> int:
+        """Graceful shutdown (server/serve.py calls this through a handle on SIGTERM): refuse new
+        requests with 503, wait up to `timeout_s` for those in flight; returns the cost still in flight."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.cost_in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.cost_in_flight
+
+    @app.get("/metrics", responses={200: {"description": "Prometheus text exposition",
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                    401: _ERRORS_GET[401]})
     async def metrics_endpoint(self, request: Request) -> Response:
         if self.config.metrics_require_auth:
             self._authorize(request)
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    # Test-only hooks (config `enable_test_hooks`); otherwise they answer 404 like any unknown path.
+    @app.post("/admin/faults", include_in_schema=False)
+    async def admin_faults(self, request: Request, count: int = 1) -> dict[str, int]:
+        """Make the next `count` reward-scoring calls fail (RewardDeployment.inject_faults)."""
+        self._test_hooks(request)
+        if not 0 <= count <= 100:
+            raise BadRequest("count must be in [0, 100]", param="count")
+        await self.rewards.inject_faults.remote(count)
+        return {"reward_faults": count}
+
+    @app.get("/admin/state", include_in_schema=False)
+    async def admin_state(self, request: Request) -> dict[str, int]:
+        """The cost budget in use and the engine's unfinished requests."""
+        self._test_hooks(request)
+        load = await self.engine.load.remote()
+        return {"cost_in_flight": self.cost_in_flight, "engine_unfinished": load["unfinished"]}
+
+    @app.get("/v1/models", responses=_ERRORS_GET)
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
         return ModelList(data=[ModelCard(id=self.model_name, root=self.model_path, max_model_len=self.max_model_len)])
 
-    @app.get("/v1/alignment/objectives")
+    @app.get("/v1/alignment/objectives", responses=_ERRORS_GET)
     async def objectives(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         from decoders.rewards import describe
@@ -310,7 +561,7 @@ class OpenAIIngress:
             item["value_model"] = item["name"] in value_models
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_ERRORS_POST)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._authorize(request)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
@@ -318,7 +569,7 @@ class OpenAIIngress:
         user_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
         return await self._serve(body, request, prompt_ids, user_text, messages, kind="chat", param="messages")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_ERRORS_POST)
     async def completions(self, body: CompletionRequest, request: Request):
         self._authorize(request)
         if isinstance(body.prompt, str):
@@ -336,6 +587,9 @@ class OpenAIIngress:
 
     async def _serve(self, req, request: Request, prompt_ids, prompt_text, messages, *, kind: str, param: str):
         method = req.method
+        if self.draining:
+            raise ServerError("the server is shutting down; retry on another replica", code="shutting_down",
+                              status_code=503, headers={"Retry-After": "5"})
         self._check_model(req.model)
         limits = self.config.limits
         req.check_limits(limits)
@@ -360,18 +614,35 @@ class OpenAIIngress:
         metrics.REQUESTS_IN_FLIGHT.labels(method).inc()
         t0 = time.perf_counter()
         release = _Once(lambda: self._release(method, cost))
+        handed_off = False  # once the streaming response owns `release`
+        events = self._events(ctx)
         try:
-            events = self._events(ctx)
             if req.stream:
                 first = await _first_event(events, limits.request_timeout_s)
-                return StreamingResponse(_with_release(self._sse(ctx, first, events, t0), release, ctx, t0),
-                                         media_type="text/event-stream")
+                stream = _with_release(self._sse(ctx, first, events, t0), release, ctx, t0)
+
+                async def on_close() -> None:
+                    release()
+                    for agen in (stream, events):
+                        try:
+                            await agen.aclose()
+                        except Exception:  # noqa: BLE001 - e.g. still running in a cancelled task
+                            pass
+                    if getattr(ctx, "_status", None) != 200:  # disconnected, timed out or failed
+                        await self._abort(rid)
+
+                handed_off = True
+                return _Stream(stream, on_close, media_type="text/event-stream")
             body = await asyncio.wait_for(self._collect(ctx, events), timeout=limits.request_timeout_s)
             _record(ctx, t0, 200)
             return JSONResponse(body)
         except asyncio.TimeoutError:
             _record(ctx, t0, 504)
+            await self._abort(rid)
             raise Timeout(f"request exceeded {limits.request_timeout_s}s", code="timeout") from None
+        except asyncio.CancelledError:
+            _record(ctx, t0, 499)  # the client went away (Ray Serve cancels this task and its engine calls)
+            raise
         except APIError as e:
             _record(ctx, t0, e.status_code)
             raise
@@ -382,7 +653,7 @@ class OpenAIIngress:
             _record(ctx, t0, err.status_code)
             raise err from e
         finally:
-            if not req.stream:
+            if not handed_off:
                 release()
 
     def _release(self, method: str, cost: int) -> None:
@@ -518,6 +789,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     def options(d) -> dict[str, Any]:
         opts: dict[str, Any] = {"max_ongoing_requests": d.max_ongoing_requests,
                                 "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}}
+        if d.max_queued_requests != -1:
+            # Past the queue bound Ray Serve's proxy answers 429 + Retry-After instead of queueing.
+            opts["max_queued_requests"] = d.max_queued_requests
+            opts["backpressure_config"] = {"status_code": 429, "retry_after_s": 1}
         if d.autoscaling:
             opts["autoscaling_config"] = d.autoscaling
         else:

@@ -74,6 +74,7 @@ class BaselineConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
+    """Per-request ranges and server-wide budgets; docs/limits_and_security.md says what happens past each."""
     max_prompt_tokens: int = 1536
     max_tokens: int = 512
     default_max_tokens: int = 256
@@ -89,11 +90,16 @@ class LimitsConfig(_Strict):
     # Cost budget across concurrent requests, in "sequences" (a best-of-8 request costs 8).
     max_concurrent_cost: int = 256
     request_timeout_s: float = 300.0
+    # On SIGTERM (`python -m server.serve`): refuse new requests, wait this long for those in flight.
+    drain_timeout_s: float = 30.0
 
 
 class DeploymentConfig(_Strict):
     num_replicas: int | str = 1
     max_ongoing_requests: int = 64
+    # Requests waiting at each caller (the HTTP proxy, for the ingress) beyond max_ongoing_requests;
+    # past it Ray Serve answers 429 with Retry-After. -1: unbounded.
+    max_queued_requests: int = -1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     autoscaling: dict[str, Any] | None = None
@@ -110,7 +116,11 @@ class ServerConfig(_Strict):
     api_keys: list[str] = Field(default_factory=list)
     api_keys_file: str | None = None
     metrics_require_auth: bool = False
-    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256))
+    # Test-only hooks (POST /admin/faults, GET /admin/state): fault injection and load inspection
+    # for the hardening tests. Off by default; never enable in production.
+    enable_test_hooks: bool = False
+    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256,
+                                                                               max_queued_requests=256))
     engine_deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=1.0, max_ongoing_requests=512))
     rewards_deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256))
 

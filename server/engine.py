@@ -204,12 +204,32 @@ class Engine:
     def _drop_vas_stats(self, request_id: str) -> None:
         (self.stats_dir / f"{request_id}.json").unlink(missing_ok=True)
 
+    async def warm_up(self) -> None:
+        """The first forward passes on CPU are slow (kernel selection); pay for them before traffic."""
+        t0 = time.time()
+        for n_prompt in (8, 256):
+            await self.generate([[self.tokenizer.eos_token_id or 0] * n_prompt], {"max_tokens": 4, "n": 2}, f"warmup-{n_prompt}")
+        logger.info("engine warm-up took %.1fs", time.time() - t0)
+
     async def info(self) -> dict[str, Any]:
         return {"model_path": self.model_path, "max_model_len": self.max_model_len,
                 "value_models": self.value_model_objectives}
 
     async def check_health(self) -> None:
         await self.llm.check_health()
+
+    def unfinished(self) -> int:
+        """Requests the engine is still working on (generating or queued)."""
+        return self.llm.output_processor.get_num_unfinished_requests()
+
+    async def abort(self, request_id_prefix: str) -> int:
+        """Abort every engine request of one API request (all ids derive from its id); returns how many."""
+        if not request_id_prefix:
+            return 0
+        ids = [r for r in list(self.llm.output_processor.external_req_ids) if r.startswith(request_id_prefix)]
+        if ids:
+            await self.llm.abort(ids)
+        return len(ids)
 
     def shutdown(self) -> None:
         self.llm.shutdown()
@@ -219,8 +239,9 @@ class Engine:
 class EngineDeployment:
     """Ray Serve replica owning one ``Engine``."""
 
-    def __init__(self, config: dict[str, Any]):
+    async def __init__(self, config: dict[str, Any]):
         self.engine = Engine(ServerConfig.model_validate(config))
+        await self.engine.warm_up()
 
     async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str, delta: bool = True):
         async for msg in self.engine.stream(prompt_token_ids, params, request_id, delta):
@@ -234,6 +255,12 @@ class EngineDeployment:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+
+    async def abort(self, request_id_prefix: str) -> int:
+        return await self.engine.abort(request_id_prefix)
+
+    async def load(self) -> dict[str, int]:
+        return {"unfinished": self.engine.unfinished()}
 
     def __del__(self):
         try:

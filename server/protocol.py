@@ -13,11 +13,33 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator,
+                      model_validator)
 
 from server.config import LimitsConfig
+
+# ----------------------------------------------------------------------------- text
+
+def _valid_unicode(v: str) -> str:
+    """JSON may carry lone surrogates (e.g. "\\ud800"), which are not text: the tokenizer and the
+    UTF-8 encoder reject them, so reject them here, naming the field."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate escape)") from None
+    return v
+
+
+# Every request string the server reads (tokenizes, compares or echoes) has this type.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+# Numbers and booleans are taken as JSON sends them, like OpenAI's API does: no "5" for 5, no
+# true for 1.0 (an int is still a valid float).
+Int = StrictInt
+Float = StrictFloat
+Bool = StrictBool
+
 
 # ----------------------------------------------------------------------------- alignment
 
@@ -36,6 +58,8 @@ METHOD_FIELDS: dict[str, set[str]] = {
 }
 # Methods that need a non-empty reward mixture.
 REWARD_METHODS = {"best_of_n", "vas", "transfer_q", "args"}
+# Best-of-N candidates when `alignment.n` is not given (server/methods.py generates `a.n or 4`).
+BEST_OF_N_DEFAULT = 4
 
 
 class AlignmentParams(BaseModel):
@@ -44,25 +68,25 @@ class AlignmentParams(BaseModel):
 
     method: Literal["none", "best_of_n", "vas", "transfer_q", "args"] = "none"
     # The reward mixture (shared by every method).
-    weights: dict[str, float] | None = None
+    weights: dict[Text, Float] | None = None
     transform: Literal["raw", "standardize", "log_sigmoid"] | None = None
-    caps: dict[str, float] | None = None
+    caps: dict[Text, Float] | None = None
     # best_of_n
-    n: int | None = Field(default=None, ge=1)
-    early_pruning: bool | None = None
-    chunk_tokens: int | None = Field(default=None, ge=1)
-    keep_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: Int | None = Field(default=None, ge=1)
+    early_pruning: Bool | None = None
+    chunk_tokens: Int | None = Field(default=None, ge=1)
+    keep_fraction: Float | None = Field(default=None, gt=0.0, le=1.0)
     # vas
-    beta: float | None = None
+    beta: Float | None = None
     # vas, transfer_q, args
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: Int | None = Field(default=None, ge=1)
     # transfer_q, args
-    alpha: float | None = None
-    block: int | None = Field(default=None, ge=1)
-    rollout_tokens: int | None = Field(default=None, ge=0)
-    baseline: str | None = Field(default=None, max_length=128)
+    alpha: Float | None = None
+    block: Int | None = Field(default=None, ge=1)
+    rollout_tokens: Int | None = Field(default=None, ge=0)
+    baseline: Text | None = Field(default=None, max_length=128)
     transfer: Literal["auto", "direct", "indirect"] | None = None
-    indirect_coef: float | None = None
+    indirect_coef: Float | None = None
 
     @field_validator("weights", "caps")
     @classmethod
@@ -125,14 +149,24 @@ class AlignmentParams(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool | None = False
+    include_usage: Bool | None = False
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for part in v:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts are supported")
+                _valid_unicode(part["text"])
+        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -151,19 +185,19 @@ class _SamplingRequest(BaseModel):
     """Fields shared by chat and completions, with their OpenAI defaults noted."""
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    model: Text
+    frequency_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
     logprobs: Any = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int | None = Field(default=None, ge=1)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool | None = False
+    max_tokens: Int | None = Field(default=None, ge=1)
+    n: Int | None = Field(default=None, ge=1)
+    presence_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: Int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    stop: Text | list[Text] | None = None
+    stream: Bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    user: str | None = Field(default=None, max_length=256)
+    temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
+    user: Text | None = Field(default=None, max_length=256)
     # The one namespaced extension.
     alignment: AlignmentParams | None = None
 
@@ -212,9 +246,10 @@ class _SamplingRequest(BaseModel):
                              param="n", code="invalid_value")
         if self.alignment:
             self.alignment.check_limits(limits)
-            if self.alignment.method == "best_of_n" and (self.n or 1) > (self.alignment.n or 0):
+            candidates = self.alignment.n or BEST_OF_N_DEFAULT
+            if self.alignment.method == "best_of_n" and (self.n or 1) > candidates:
                 raise BadRequest(f"n ({self.n or 1}) must not exceed alignment.n, the number of candidates "
-                                 f"({self.alignment.n})", param="alignment.n", code="invalid_value")
+                                 f"({candidates})", param="alignment.n", code="invalid_value")
 
     def to_sampling_params(self, limits: LimitsConfig, prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
         """vllm.SamplingParams kwargs: user value -> server default -> OpenAI default."""
@@ -241,9 +276,9 @@ class _SamplingRequest(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     # OpenAI order: messages, model, ..., logprobs, max_completion_tokens, max_tokens, ...
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool | None = False
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: Bool | None = False
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _logprobs(self) -> "ChatCompletionRequest":
@@ -263,9 +298,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] = Field(...)
-    echo: bool | None = False
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    prompt: Text | list[Text] | list[Int] = Field(...)
+    echo: Bool | None = False
+    logprobs: Int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -299,6 +334,18 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every 4xx/5xx this server produces has this shape."""
+    error: ErrorDetail
 
 
 class Usage(BaseModel):

@@ -59,19 +59,33 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    started = False
     try:
         serve.run(build_app(config), name="alignserve", route_prefix="/", blocking=False)
+        started = True
         logger.info("alignserve ready in %.1fs: http://%s:%d/v1 (model %s)", time.time() - t0, args.host, args.port,
                     ServerConfig.model_validate(config).model_name)
         print(f"READY http://{args.host}:{args.port}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
-        # Graceful: Serve drains in-flight requests of each replica before stopping it.
+        # Graceful: serve.shutdown() kills the HTTP proxy at once, cutting open connections, so first
+        # let the ingress refuse new requests (503) and finish those in flight (up to drain_timeout_s).
+        if started:
+            _drain(serve, ServerConfig.model_validate(config).limits.drain_timeout_s)
         serve.shutdown()
         ray.shutdown()
         logger.info("alignserve stopped")
     return 0
+
+
+def _drain(serve, timeout_s: float) -> None:
+    try:
+        handle = serve.get_deployment_handle("OpenAIIngress", app_name="alignserve")
+        left = handle.drain.remote(timeout_s).result(timeout_s=timeout_s + 15)
+        logger.info("drained in-flight requests (%s left)", left)
+    except Exception as e:  # noqa: BLE001 - shutting down anyway
+        logger.warning("could not drain in-flight requests: %s", e)
 
 
 if __name__ == "__main__":
