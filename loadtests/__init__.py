@@ -1,0 +1,34 @@
+"""Load tests and the alignment evaluation (see docs/evaluation.md).
+
+* ``loadtests.runner``: a bounded async streaming load generator (httpx) with latency/TTFT/throughput table.
+* ``loadtests.locustfile``: OpenAI-shaped locust tasks (run locust as its own process only).
+* ``loadtests.eval``: every method over a prompt set; reward against cost, with PNG plots.
+
+Every tool here refuses non-loopback targets unless explicitly allowed.
+"""
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlparse
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when `url`'s host is a loopback name or address (127.0.0.0/8, ::1, localhost)."""
+    host = urlparse(url if "://" in url else f"http://{url}").hostname
+    if not host:
+        return False
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_target(url: str, allow_remote: bool, flag: str = "--allow-remote") -> None:
+    """Raise ValueError unless `url` is loopback or remote targets were explicitly allowed."""
+    if not allow_remote and not is_loopback_url(url):
+        raise ValueError(f"refusing to load-test non-loopback URL {url!r}: only 127.0.0.1/localhost "
+                         f"are targeted unless {flag} is given")
