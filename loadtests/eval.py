@@ -551,9 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method specs swept for --pareto")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=None,
-                   help="request for prompt i gets seed+i (the same for every method). Off by default: on the "
-                        "CPU engine, seeded requests whose prefill gets chunked crash vLLM (docs/evaluation.md)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="request for prompt i gets seed+i (the same for every method: common random numbers)")
     p.add_argument("--retries", type=int, default=2, help="retries of a request after a 5xx/connection error")
     p.add_argument("--retry-wait", type=float, default=20.0, help="seconds before such a retry")
     p.add_argument("--concurrency", type=int, default=4)
