@@ -54,7 +54,8 @@ async def drive(one, concurrency: int, total: int) -> dict[str, float]:
         while not queue.empty():
             prompt, seed = queue.get_nowait()
             t0 = time.perf_counter()
-            toks += await one(prompt, seed)
+            n = await one(prompt, seed)
+            toks += n
             lat.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
@@ -84,7 +85,7 @@ async def bench_bare(levels, per_level, max_tokens) -> dict[int, dict]:
 
     out = {}
     for c in levels:
-        out[c] = await drive(one, c, max(per_level, c))
+        out[c] = await drive(one, c, max(per_level, 3 * c))
         print(f"bare  c={c:<3} {fmt(out[c])}", flush=True)
     engine.shutdown()
     return out
@@ -104,7 +105,7 @@ async def bench_ours(url: str, levels, per_level, max_tokens) -> dict[int, dict]
         await one("warm up", 1)
         out = {}
         for c in levels:
-            out[c] = await drive(one, c, max(per_level, c))
+            out[c] = await drive(one, c, max(per_level, 3 * c))
             print(f"ours  c={c:<3} {fmt(out[c])}", flush=True)
         return out
 
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
 
-    print(f"\nPlain decoding, {args.max_tokens}-token outputs, {args.requests_per_level}+ requests per level "
+    print(f"\nPlain decoding, {args.max_tokens}-token outputs, max({args.requests_per_level}, 3 x concurrency) requests per level "
           f"(one run, same prompts and seeds)\n")
     print("| concurrency | bare req/s | bare tok/s | bare p50 s | bare p95 s | ours req/s | ours tok/s | ours p50 s "
           "| ours p95 s | tok/s ours/bare | p50 ours/bare |")
