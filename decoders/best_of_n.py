@@ -58,7 +58,7 @@ async def best_of_n(gen: Generator, scorer: Scorer, mixture, objectives: Mapping
     its ``n`` is replaced by the candidate count.
     """
     stats = DecodeStats()
-    if params.early_pruning:
+    if params.early_pruning and params.n_candidates > params.n_return:  # nothing to prune otherwise
         completions = await _generate_with_pruning(gen, scorer, mixture, objectives, prompt_ids, prompt_text,
                                                    sampling, params, stats)
     else:
