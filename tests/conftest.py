@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_START_TIMEOUT_S = 300
+SERVER_START_TIMEOUT_S = 600
 
 
 def _free_port() -> int:
