@@ -9,11 +9,15 @@ Three kinds are registered in ``ServerConfig.baselines`` (``server/config.py::Ba
   caching shares the context across the k rollouts of a step). This is the only kind the
   embedded default uses.
 * ``lora``: a LoRA adapter on the base model (``path`` = adapter dir). Rollouts run on the same
-  engine with ``params["lora_request"] = {"lora_name", "lora_path"}``; the engine handle turns
-  that dict into a ``vllm.lora.request.LoRARequest`` (the engine must be started with LoRA on).
-* ``model``: another model served by vLLM (``path`` = model dir / id). Rollouts go to a separate
-  generator named by :func:`rollout_generator_name`; because its tokenizer may differ, the
-  decoder re-tokenizes prefix + candidate through text for it.
+  engine with ``params["lora_request"] = {"lora_name", "lora_path"}``; the engine
+  (server/engine.py) looks the name up in ITS OWN config's baselines, loads only the configured
+  path, and turns it into a ``vllm.lora.request.LoRARequest`` (LoRA is switched on in the engine
+  when a LoRA baseline is configured: ``EngineConfig.enable_lora``).
+* ``model``: another model served by vLLM. NOT SUPPORTED YET: the server has no second engine
+  deployment to roll it out on, so :func:`validate_baselines` (run when the server config is
+  loaded) refuses it rather than silently rolling out the base model. The decoder side is ready
+  (``transfer_q_decode(rollout_gen=...)`` re-tokenizes prefix + candidate through text; see
+  :func:`rollout_generator_name`).
 
 Everything here is pure (no engine, no tokenizer): chat rendering is injected as a
 ``render_chat(messages) -> list[int]`` callable, so the prompt construction is unit-testable.
@@ -68,18 +72,39 @@ def default_baseline_configs() -> dict[str, BaselineConfig]:
 
 
 def validate_baselines(baselines: Mapping[str, BaselineConfig], objectives: Iterable[str]) -> None:
-    """Check a baseline registry against the registered objectives (call at config load).
+    """Check a baseline registry against the registered objectives.
 
-    Raises ValueError naming the first offending baseline.
+    Called when the server config is loaded (``ServerConfig`` validation, server/config.py), so a
+    bad registry fails at startup. Raises ValueError naming the first offending baseline.
     """
     known = set(objectives)
     for name, bl in baselines.items():
+        if bl.kind == "model":
+            raise ValueError(f"baseline {name!r}: kind 'model' (another served model) is not supported yet: "
+                             f"the server has no second engine to roll it out on. Use kind 'prompted' "
+                             f"(a system prompt on the base model) or 'lora' (an adapter on the base model)")
+        if not bl.aligned_to:
+            raise ValueError(f"baseline {name!r}: aligned_to must name at least one objective")
         missing = [o for o in bl.aligned_to if o not in known]
         if missing:
             raise ValueError(f"baseline {name!r}: aligned_to names unregistered objective(s) {missing}; "
                              f"registered: {sorted(known)}")
-        if bl.kind in ("lora", "model") and not bl.path:
+        if bl.kind == "lora" and not bl.path:
             raise ValueError(f"baseline {name!r}: kind {bl.kind!r} needs a path")
+
+
+def load_baselines(configured: Mapping[str, BaselineConfig] | None,
+                   objectives: Iterable[str]) -> dict[str, BaselineConfig]:
+    """The baseline registry a server uses: ``configured`` (validated against ``objectives``), or,
+    when None, the embedded defaults whose objectives are all registered (a config with its own
+    objectives and no baselines gets only the defaults that fit it, never one that would score an
+    unregistered objective)."""
+    names = list(objectives)
+    if configured is not None:
+        validate_baselines(configured, names)
+        return dict(configured)
+    known = set(names)
+    return {n: bl for n, bl in default_baseline_configs().items() if set(bl.aligned_to) <= known}
 
 
 def _overlap(weights: Mapping[str, float], bl: BaselineConfig) -> tuple[float, int]:
@@ -227,7 +252,8 @@ def rollout_extra_params(name: str, baseline: BaselineConfig) -> dict[str, Any]:
 
 def rollout_generator_name(name: str, baseline: BaselineConfig) -> str | None:
     """Which generator runs the rollouts: ``None`` = the base engine (prompted, lora); for
-    ``model``, the separately served model (its ``path``, or the baseline name)."""
+    ``model`` (not supported by the server yet, see :func:`validate_baselines`), the separately
+    served model (its ``path``, or the baseline name)."""
     if baseline.kind == "model":
         return baseline.path or name
     return None

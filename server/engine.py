@@ -54,6 +54,47 @@ def _completion_dict(out, prompt_len: int) -> dict[str, Any]:
     }
 
 
+def lora_adapters(config: ServerConfig) -> dict[str, str]:
+    """LoRA adapters this engine may load: baseline name -> adapter path, from the server config only."""
+    return {name: bl.path for name, bl in sorted((config.baselines or {}).items())
+            if bl.kind == "lora" and bl.path}
+
+
+def lora_enabled(config: ServerConfig) -> bool:
+    """``engine.enable_lora``, or (None) whether any LoRA baseline is configured."""
+    if config.engine.enable_lora is not None:
+        return bool(config.engine.enable_lora)
+    return bool(lora_adapters(config))
+
+
+def split_lora(params: dict[str, Any], adapters: dict[str, str]) -> tuple[dict[str, Any], Any]:
+    """Pop ``lora_request`` from generate params and resolve it against the configured adapters.
+
+    ``lora_request`` is ``{"lora_name": <baseline name>, ...}`` (decoders/baselines.py); the adapter
+    path is taken from the server config, never from the params: an unknown name, or a
+    ``lora_path`` other than the configured one, is refused (nothing a request carries can make the
+    engine load a file it was not configured with). Returns (params without it, LoRARequest | None).
+    """
+    params = dict(params)
+    req = params.pop("lora_request", None)
+    if req is None:
+        return params, None
+    if not isinstance(req, dict) or not isinstance(req.get("lora_name"), str):
+        raise ValueError("lora_request must be {'lora_name': <configured LoRA baseline>}")
+    name = req["lora_name"]
+    if name not in adapters:
+        raise ValueError(f"LoRA adapter {name!r} is not configured on this engine "
+                         f"(configured: {sorted(adapters) or 'none'})")
+    path = adapters[name]
+    if req.get("lora_path") not in (None, path):
+        raise ValueError(f"LoRA adapter {name!r}: lora_path does not match the configured path")
+    from vllm.lora.request import LoRARequest
+
+    # Stable ids (1-based, by sorted name): vLLM keys adapters and their prefix-cache entries by id.
+    lora_id = sorted(adapters).index(name) + 1
+    return params, LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+
+
 class Engine:
     """vLLM AsyncLLM behind the interface above; usable without Ray (tests, CLIs, benchmarks)."""
 
@@ -79,20 +120,26 @@ class Engine:
         if chunked is False:
             # Whole prompts only: the step token budget must hold the longest one.
             batching = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(e.max_model_len, 2048)}
-        args = AsyncEngineArgs(
-            model=self.model_path,
-            served_model_name=config.model_name,
-            max_model_len=e.max_model_len,
-            enforce_eager=e.enforce_eager,
-            enable_prefix_caching=e.enable_prefix_caching,
-            max_num_seqs=e.max_num_seqs,
-            dtype=e.dtype,
-            seed=e.seed,
-            max_logprobs=e.max_logprobs,
-            logits_processors=processors or None,
+        self.lora_adapters = lora_adapters(config)
+        lora: dict[str, Any] = {}
+        if lora_enabled(config):
+            lora = {"enable_lora": True, "max_lora_rank": e.max_lora_rank,
+                    "max_loras": max(e.max_loras, 1)}
+        args = AsyncEngineArgs(**{
+            "model": self.model_path,
+            "served_model_name": config.model_name,
+            "max_model_len": e.max_model_len,
+            "enforce_eager": e.enforce_eager,
+            "enable_prefix_caching": e.enable_prefix_caching,
+            "max_num_seqs": e.max_num_seqs,
+            "dtype": e.dtype,
+            "seed": e.seed,
+            "max_logprobs": e.max_logprobs,
+            "logits_processors": processors or None,
             **batching,
+            **lora,
             **e.extra,
-        )
+        })
         t0 = time.time()
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self.llm.tokenizer
@@ -114,15 +161,17 @@ class Engine:
     # ------------------------------------------------------------------ the async interface
 
     def _sampling_params(self, params: dict[str, Any], request_id: str, delta: bool):
+        """(SamplingParams, LoRARequest | None): ``lora_request`` is not a SamplingParams field."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = dict(params)
+        params, lora = split_lora(params, getattr(self, "lora_adapters", {}))
         extra = params.pop("extra_args", None)
         if extra is not None:
             extra = {"alignserve": {"request_id": request_id, **extra}}
-        return SamplingParams(**params, extra_args=extra,
-                              output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+        sp = SamplingParams(**params, extra_args=extra,
+                            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+        return sp, lora
 
     async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
                      delta: bool = True) -> AsyncIterator[dict]:
@@ -140,11 +189,12 @@ class Engine:
 
     async def _stream_one(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
                           index: int | None = None, delta: bool = True) -> AsyncIterator[dict]:
-        sp = self._sampling_params(params, request_id, delta=delta)
+        sp, lora = self._sampling_params(params, request_id, delta=delta)
         wants_vas = bool(sp.extra_args and "vas" in sp.extra_args["alignserve"])
         prompt_len = len(prompt_token_ids)
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sp, request_id):
+            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sp, request_id,
+                                               lora_request=lora):
                 choices = [_completion_dict(c, prompt_len) for c in out.outputs]
                 if index is not None:
                     for c in choices:
@@ -188,9 +238,10 @@ class Engine:
     async def generate(self, prompts: list[list[int]], params: dict[str, Any], request_id: str) -> list[list[dict]]:
         """All prompts at once (the engine batches them); per prompt, its n completions by index."""
         async def one(i: int, ids: list[int]) -> list[dict]:
-            sp = self._sampling_params(params, f"{request_id}-{i}", delta=False)
+            sp, lora = self._sampling_params(params, f"{request_id}-{i}", delta=False)
             final = None
-            async for out in self.llm.generate({"prompt_token_ids": ids}, sp, f"{request_id}-{i}"):
+            async for out in self.llm.generate({"prompt_token_ids": ids}, sp, f"{request_id}-{i}",
+                                               lora_request=lora):
                 final = out
             return sorted((_completion_dict(c, len(ids)) for c in final.outputs), key=lambda c: c["index"])
 

@@ -54,6 +54,10 @@ async def _score(ctx, texts: list[str]) -> tuple[dict, dict, list[float], float]
         raw = await RewardScorer(ctx.ingress.rewards).score(ctx.mixture.active(), [ctx.prompt_text] * len(texts), texts)
     except Exception as e:  # noqa: BLE001 - any failure of the reward service is an explicit error
         metrics.ALIGNMENT_FAILURES.labels(ctx.method, "reward").inc()
+        from server.handles import RewardTimeout
+
+        if isinstance(e, RewardTimeout):  # past limits.reward_timeout_s (server/handles.py)
+            raise AlignmentFailed(f"reward scoring timed out: {e}", code="reward_timeout") from e
         raise AlignmentFailed(f"reward scoring failed: {type(e).__name__}: {_short(e)}", code="reward_failed") from e
     transformed, mixed = ctx.mixture.combine(raw, ctx.ingress.objectives)
     return raw, transformed, mixed, time.perf_counter() - t0
@@ -160,7 +164,14 @@ async def _best_of_n(ctx) -> AsyncIterator[Any]:
     receipt["cost"] = {"candidates": stats.candidates, "base_tokens": stats.base_tokens}
     receipt["timing"] = {"generation_s": round(stats.generation_s, 4), "scoring_s": round(stats.scoring_s, 4)}
     receipt["candidate_mean_mixed"] = extras["candidate_mean_mixed"]
-    ctx.outcome.added_latency_s += stats.scoring_s
+    # One scale across objectives (the per-objective reward_gain is observed from the receipt in app.py).
+    metrics.MIXED_REWARD_GAIN.labels(ctx.method).observe(best.mixed - extras["candidate_mean_mixed"])
+    # Added latency (the reward-per-second trade-off) = scoring time + the share of generation time
+    # spent on the candidates beyond the n_return that plain decoding would also have produced:
+    # generation_s * (1 - n_return / N). Assumes cost proportional to candidates, an upper bound on
+    # batched hardware where extra candidates are nearly free in wall time.
+    extra_share = 1.0 - params.n_return / max(params.n_candidates, 1)
+    ctx.outcome.added_latency_s += stats.scoring_s + stats.generation_s * max(extra_share, 0.0)
     ctx.outcome.receipt = receipt
 
 
@@ -201,6 +212,13 @@ async def _transfer_q(ctx) -> AsyncIterator[Any]:
         rollout_tokens=0 if ctx.method == "args" else pick(a.rollout_tokens, RECOMMENDED_DEFAULTS["rollout_tokens"]),
         baseline=a.baseline, transfer=pick(a.transfer, "auto"), indirect_coef=pick(a.indirect_coef, 0.5),
     ).validate(ing.config.limits)
+    if params.alpha != 0:
+        # The decoder picks candidates from raw base log-probs / temperature-1 samples; repetition
+        # penalties have no place in that rule: refuse them rather than drop them silently.
+        for field in ("frequency_penalty", "presence_penalty"):
+            if ctx.sampling.get(field):
+                raise BadRequest(f"`{field}` is not supported by method '{ctx.method}' (alpha > 0); "
+                                 f"omit it or set it to 0", param=field, code="unsupported_parameter")
     if params.alpha == 0:
         # pi_base * exp(0 * Q) is the base distribution (restricted to the top-k at token level):
         # decode it directly, with no rollouts or scoring, so alpha = 0 is exactly base decoding.
@@ -209,9 +227,21 @@ async def _transfer_q(ctx) -> AsyncIterator[Any]:
                                        cost={"steps": 0, "candidates": 0, "rollouts": 0, "rollout_tokens": 0}):
             yield ev
         return
-    target = prepare_rollout(params.baseline, {o: m.weights[o] for o in m.active()}, ing.baselines,
-                             ctx.messages if ctx.messages is not None else ctx.prompt_text,
-                             render_chat=ing.render_chat, encode=lambda t: ing.tokenizer.encode(t, add_special_tokens=False))
+    if params.rollout_tokens == 0:
+        # ARGS scores candidates without rollouts: no baseline is used, so none is resolved (a server
+        # with `baselines: {}` still serves ARGS).
+        from decoders.baselines import RolloutTarget
+        from server.config import BaselineConfig
+
+        target = RolloutTarget(name=None, baseline=BaselineConfig(aligned_to=[]), context_ids=[])
+    else:
+        target = prepare_rollout(params.baseline, {o: m.weights[o] for o in m.active()}, ing.baselines,
+                                 ctx.messages if ctx.messages is not None else ctx.prompt_text,
+                                 render_chat=ing.render_chat,
+                                 encode=lambda t: ing.tokenizer.encode(t, add_special_tokens=False))
+        if target.generator is not None:  # `kind: model` is refused at config load; never roll out the base instead
+            raise AlignmentFailed(f"baseline {target.name!r} needs a separately served model, which this server "
+                                  f"does not run", code="baseline_unavailable")
     n = ctx.sampling.get("n", 1)
     seed = ctx.sampling.get("seed")
     queue: asyncio.Queue = asyncio.Queue()
@@ -228,7 +258,8 @@ async def _transfer_q(ctx) -> AsyncIterator[Any]:
             max_tokens=ctx.sampling["max_tokens"], temperature=ctx.sampling["temperature"],
             top_p=ctx.sampling["top_p"], seed=None if seed is None else seed + i,
             stop_token_ids=ing.stop_token_ids, params=params, baseline_aligned_to=target.aligned_to,
-            on_block=on_block, baseline_name=target.name, rollout_params=target.params or None)
+            on_block=on_block, baseline_name=target.name, rollout_params=target.params or None,
+            stop_strings=ctx.sampling.get("stop"))
 
     tasks = [asyncio.create_task(decode(i)) for i in range(n)]
     waiter = asyncio.gather(*tasks)
@@ -261,5 +292,9 @@ async def _transfer_q(ctx) -> AsyncIterator[Any]:
     gen_s = sum(s.generation_s for s in stats)
     scoring_s = sum(s.scoring_s for s in stats)
     receipt["timing"] = {"generation_s": round(gen_s, 4), "scoring_s": round(scoring_s + score_s, 4)}
-    ctx.outcome.added_latency_s += scoring_s + score_s
+    # Added latency (the reward-per-second trade-off) = all scoring (per step and final) + the
+    # baseline rollouts' generation time (stats.extra["rollout_s"]). The candidate steps themselves
+    # are counted as decoding, so this is a lower bound on what the method adds over plain sampling.
+    rollout_s = sum(s.extra.get("rollout_s", 0.0) for s in stats)
+    ctx.outcome.added_latency_s += scoring_s + score_s + rollout_s
     ctx.outcome.receipt = receipt

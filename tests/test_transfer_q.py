@@ -175,7 +175,46 @@ def test_importance_weights_exact_values():
     assert sum(w) == pytest.approx(3.0)
     q, _ = indirect_q(qt, qb, 0.5)
     mean_ref = sum(ref) / 3
-    assert q == pytest.approx([r / mean_ref * t for r, t in zip(ref, qt)])
+    # Q = b + w*(Q_target - b), b = min Q_target = -1 (the weight applies to the non-negative shifted reward)
+    assert q == pytest.approx([-1.0 + r / mean_ref * (t + 1.0) for r, t in zip(ref, qt)])
+    # ... whose step average is the paper's (self-normalized) estimate mean(w * Q_target)
+    assert sum(q) / 3 == pytest.approx(sum(r / mean_ref * t for r, t in zip(ref, qt)) / 3)
+
+
+def test_indirect_q_is_sign_safe_with_negative_rewards():
+    # The old per-rollout w*Q_target flips preference when rewards are negative: candidate 0 has the
+    # higher target reward AND the higher weight, yet -0.2*w0 < -0.3*w1.
+    qt, qb = [-0.2, -0.3], [-2.0, 0.0]
+    w = importance_weights(qt, qb, 0.5)
+    assert w[0] > w[1] and qt[0] * w[0] < qt[1] * w[1]          # the flip of the uncorrected rule
+    q, w2 = indirect_q(qt, qb, 0.5)
+    assert w2 == pytest.approx(w) and q[0] > q[1]
+    assert q == pytest.approx([-0.3 + w[0] * 0.1, -0.3])
+    # shift-equivariant: any constant added to the target reward moves every Q by that constant
+    for c in (-5.0, -0.7, 3.0):
+        qc, wc = indirect_q([t + c for t in qt], qb, 0.5)
+        assert wc == pytest.approx(w) and qc == pytest.approx([x + c for x in q])
+    # log_sigmoid-like rewards (all <= 0): preference follows (target reward, weight), never reversed
+    qt3, qb3 = [-0.05, -0.7, -2.0], [-1.5, -0.1, -0.1]
+    q3, w3 = indirect_q(qt3, qb3, 1.0)
+    assert w3[0] > w3[1] > w3[2] and q3[0] > q3[1] > q3[2] and q3[2] == pytest.approx(min(qt3))
+
+
+def test_indirect_decode_with_negative_rewards_keeps_the_better_candidate():
+    # Every text scores below 0 (a log_sigmoid-like reward): good -0.1, fine -0.5, ok -2.
+    gen = FakeGen(dist=lambda p: {1: -1.0, 7: -1.0, 3: -1.0}, rollout=lambda p, n: [])
+    neg = {"good": -0.1, "fine": -0.5, "ok": -2.0}
+    scorer = FakeScorer({"sentiment": lambda r: neg.get(r.split()[-1], -3.0),
+                         "safety": lambda r: {"good": -2.0, "fine": -0.1}.get(r.split()[-1], -0.1)})
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0, indirect_coef=1.0)
+    comp, _, extras = decode(gen, scorer, params, aligned=("safety",), max_tokens=1)
+    assert extras["transfer"] == "indirect"
+    # good: best target reward and the largest weight (its baseline reward is the lowest) -> chosen;
+    # w*Q_target would have chosen ok, the WORST target reward (its tiny weight shrinks its -2 towards 0).
+    qt, qb = [-0.1, -2.0, -0.5], [-2.0, -0.1, -0.1]          # candidates ranked 1, 3, 7 (ties by id)
+    w = importance_weights(qt, qb, 1.0)
+    assert max(range(3), key=lambda i: w[i] * qt[i]) == 1     # the flip
+    assert comp.token_ids == [1]
 
 
 def test_importance_weights_are_stable_and_coef_zero_is_direct():
@@ -306,8 +345,10 @@ def block_gen(table):
     return g
 
 
-def test_block_decode_dedupes_candidates_and_uses_cumulative_logprobs():
-    table = [([1, 1], -2.0, "length"), ([2, 6], -0.5, "length"), ([1, 1], -2.0, "length"), ([5, 7], -3.0, "length")]
+def test_block_decode_merges_duplicate_blocks_and_scores_by_count():
+    # [5,7] has the best cumulative log-prob, but block candidates are base SAMPLES: their base term in
+    # the score is log(count), not their log-prob (which would count pi_base twice).
+    table = [([1, 1], -2.0, "length"), ([2, 6], -0.5, "length"), ([1, 1], -2.0, "length"), ([5, 7], -0.1, "length")]
     gen = block_gen(table)
     scorer = sentiment_scorer()
     params = TransferQParams(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=3, alpha=1.0)
@@ -318,8 +359,10 @@ def test_block_decode_dedupes_candidates_and_uses_cumulative_logprobs():
     assert cand_calls[0][1]["n"] == 4 and cand_calls[0][1]["max_tokens"] == 2 and cand_calls[0][1]["temperature"] == 1.0
     # three distinct candidates rolled out: [1,1], [2,6], [5,7]
     assert [p[-2:] for p in roll_calls[0][0]] == [[1, 1], [2, 6], [5, 7]]
-    # Q: good good meh meh = 2, bad awful = -2, great fine = 2 -> scores -2+2=0, -0.5-2=-2.5, -3+2=-1
+    # Q: good good meh = 2, bad awful meh = -2, great fine meh = 2;
+    # scores log(2)+2, log(1)-2, log(1)+2 -> [1,1] (drawn twice) beats [5,7] at equal Q
     assert comp.token_ids[:2] == [1, 1]
+    assert comp.cumulative_logprob == pytest.approx(-2.0 + -2.0)   # the receipt still sums base log-probs
     assert stats.candidates == 6 and stats.base_tokens == 16 and stats.steps == 2
     # per-step engine seeds: fixed by the request seed, different across steps
     assert gen.seeds[0] is not None and gen.seeds[0] != gen.seeds[1]
@@ -361,12 +404,20 @@ def test_indirect_transfer_applies_importance_weights():
 
 
 def test_indirect_prefers_candidate_the_baseline_reward_undervalues():
-    # fine: target 1, baseline 1 -> w small; good: target 1, baseline 0 -> w large
-    gen = FakeGen(dist=lambda p: {7: -1.0, 1: -1.0}, rollout=lambda p, n: [])
-    comp, _, _ = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=2, alpha=1.0,
-                                                               transfer="indirect"),
-                        aligned=("safety",), max_tokens=1)
+    # fine: target 1, baseline 1 -> w small; good: target 1, baseline 0 -> w large; ok: target 0 (the
+    # reference point b). Equal advantage over b, so the larger weight wins although fine has the
+    # higher base log-prob.
+    gen = FakeGen(dist=lambda p: {7: -0.99, 1: -1.0, 3: -1.0}, rollout=lambda p, n: [])
+    comp, _, extras = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=3, alpha=1.0,
+                                                                    transfer="indirect"),
+                             aligned=("safety",), max_tokens=1)
     assert comp.token_ids == [1]
+    # equal target rewards and nothing to compare against: the weights cannot reorder them (Q = b for all)
+    gen = FakeGen(dist=lambda p: {7: -0.99, 1: -1.0}, rollout=lambda p, n: [])
+    comp, _, extras = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=2, alpha=1.0,
+                                                                    transfer="indirect"),
+                             aligned=("safety",), max_tokens=1)
+    assert comp.token_ids == [7] and extras["mean_q"] == pytest.approx(1.0)
 
 
 def test_seeded_decode_reproduces():
@@ -535,6 +586,10 @@ def test_lora_and_model_baselines():
     assert target.name == "positive" and target.generator is None
     with pytest.raises(ValueError):
         validate_baselines({"m": BaselineConfig(kind="model", aligned_to=["safety"])}, ["safety"])
+    # `kind: model` is refused even with a path: the server has no second engine to roll it out on
+    with pytest.raises(ValueError, match="not supported yet"):
+        validate_baselines({"m": model}, ["safety"])
+    validate_baselines({"safe": lora}, ["safety"])
 
 
 def test_indirect_needs_calibrated_baseline_objectives_for_transforms():
@@ -548,3 +603,274 @@ def test_indirect_needs_calibrated_baseline_objectives_for_transforms():
                               rollout_context_ids=CONTEXT, prompt_text="p", max_tokens=2, temperature=0, top_p=1,
                               seed=None, stop_token_ids=[EOS], params=params, baseline_aligned_to=["safety"]))
     assert ei.value.param == "alignment.baseline.transform"
+
+
+# --- audit fixes: selection base term, counts, greedy seeds, stop strings ---------------------------
+
+def test_one_token_step_of_a_block_decode_uses_base_logprobs():
+    # block 2, max_tokens 3: step 1 samples a block, step 2 has 1 token of budget -> a top-k step whose
+    # candidates are deterministic, so their base log-prob must enter the score (alpha*Q alone would
+    # pick "very": Q 1.5 > 1.0, but base log-probs -0.1 vs -5.0 decide).
+    gen = FakeGen(dist=lambda p: {1: -0.1, 9: -5.0},
+                  blocks=lambda p, n, seed: [([8, 8], -1.0, "length")])
+    last = {"good": 1.0, "very": 1.5}
+    scorer = FakeScorer({"sentiment": lambda r: last.get(r.split()[-1], 0.0)})
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
+    comp, stats, _ = decode(gen, scorer, params, max_tokens=3)
+    assert [c[1]["max_tokens"] for c in gen.calls] == [2, 1]
+    assert scorer.calls[-1][2] == ["so so good", "so so very"]
+    assert comp.token_ids == [8, 8, 1]
+
+
+def test_block_candidates_are_sampled_in_proportion_to_their_counts():
+    # alpha = 0 inside the decoder: selecting among merged base samples must be base sampling, i.e.
+    # a block drawn 3 times out of 4 is chosen ~3/4 of the time (merging without counts gave 1/2).
+    table = [([1, 1], -2.0, "length"), ([1, 1], -2.0, "length"), ([5, 7], -0.1, "length"), ([1, 1], -2.0, "length")]
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=0, alpha=0.0)
+    picks = [decode(block_gen(table), sentiment_scorer(), params, max_tokens=2, temperature=1.0, seed=s)[0].token_ids
+             for s in range(600)]
+    freq = sum(p == [1, 1] for p in picks) / len(picks)
+    assert abs(freq - 0.75) < 0.06
+    # greedy with equal Q: the most often drawn block wins
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=0, alpha=1.0)
+    flat = FakeScorer({"sentiment": lambda r: 0.0})
+    assert decode(block_gen(table), flat, params, max_tokens=2)[0].token_ids == [1, 1]
+
+
+def test_greedy_block_decode_without_seed_is_deterministic():
+    table = [([1, 1], -2.0, "length"), ([5, 7], -0.1, "length")]
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
+    a, b = block_gen(table), block_gen(table)
+    decode(a, sentiment_scorer(), params, max_tokens=4, temperature=0.0, seed=None)
+    decode(b, sentiment_scorer(), params, max_tokens=4, temperature=0.0, seed=None)
+    assert all(s is not None for s in a.seeds) and a.seeds == b.seeds and a.seeds[0] != a.seeds[1]
+    # sampling without a seed stays unseeded (fresh randomness per request)
+    c = block_gen(table)
+    decode(c, sentiment_scorer(), params, max_tokens=4, temperature=1.0, seed=None)
+    assert c.seeds == [None, None]
+
+
+def test_stop_string_token_level_cuts_text_and_finishes_with_stop():
+    gen = FakeGen(dist=lambda p: {1: -0.1, 5: -1.0} if len(p) == len(PROMPT) else {5: -0.1, 1: -1.0})
+    scorer = sentiment_scorer()
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=0, alpha=0.5)
+    comp, stats, _ = decode(gen, scorer, params, max_tokens=6, stop_strings=["great"])
+    # "good great" completes "great": vLLM semantics -> token ids up to it, text cut before it
+    assert comp.token_ids == [1, 5] and comp.text == "good " and comp.finish_reason == "stop"
+    assert comp.stop_reason == "great" and stats.steps == 2
+    # the terminal candidate was scored on the answer's text, without the stop string
+    assert scorer.calls[1][2] == ["good ", "good good"]
+
+
+def test_stop_string_spanning_blocks_and_streaming_holds_it_back():
+    def blocks(p, n, seed):
+        return [([1, 8], -1.0, "length")] if len(p) == len(PROMPT) else [([9, 5], -1.0, "length")]
+    gen = FakeGen(blocks=blocks)
+    got = []
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
+    comp, stats, _ = decode(gen, sentiment_scorer(), params, max_tokens=8, stop_strings=["so very"],
+                            on_block=lambda d, ids: got.append((d, ids)))
+    # "good so" + "very great": the stop string spans the blocks; the answer ends at the token completing it
+    assert comp.token_ids == [1, 8, 9] and comp.text == "good " and comp.finish_reason == "stop"
+    assert comp.stop_reason == "so very"
+    # nothing that could become the stop string was streamed early, and the deltas add up to the text
+    assert "".join(d for d, _ in got) == comp.text and got[0][0] == "g"
+    assert [ids for _, ids in got] == [[1, 8], [9]]
+    # the sampled-candidate calls carry the stop strings (the engine stops early; we re-check the text)
+    assert all(c[1].get("stop") == ["so very"] for c in gen.calls)
+
+
+def test_stop_string_inside_a_rollout_cuts_the_scored_text():
+    gen = FakeGen(dist=lambda p: {1: -0.1, 2: -0.2}, rollout=lambda p, n: [9, 5, 5][:n])
+    scorer = sentiment_scorer()
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=3, alpha=1.0)
+    decode(gen, scorer, params, max_tokens=5, stop_strings=["great"])
+    assert scorer.calls[0][2] == ["good very ", "bad very "]
+    roll = [c for c in gen.calls if c[1].get("logprobs") is None]
+    assert roll and all(c[1]["stop"] == ["great"] for c in roll)
+
+
+def test_rollout_time_is_reported_separately():
+    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=2, alpha=1.0)
+    _, stats, _ = decode(FakeGen(), sentiment_scorer(), params, max_tokens=3)
+    assert 0.0 <= stats.extra["rollout_s"] <= stats.generation_s
+    _, stats, _ = decode(FakeGen(), sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=2,
+                                                                       rollout_tokens=0), max_tokens=3)
+    assert stats.extra["rollout_s"] == 0.0
+
+
+# --- config: baselines validated at load, `kind: model` refused, LoRA wiring ----------------------
+
+def test_server_config_validates_baselines_at_load():
+    from pydantic import ValidationError
+    from server.config import ServerConfig
+
+    ServerConfig.model_validate({"baselines": {"pos": {"aligned_to": ["sentiment"], "system_prompt": "Be nice."}}})
+    with pytest.raises(ValidationError, match="unregistered objective"):
+        ServerConfig.model_validate({"baselines": {"pos": {"aligned_to": ["helpfulness"], "system_prompt": "x"}}})
+    # custom objectives: baselines are checked against them, not against the defaults
+    objs = {"helpful": {"kind": "brevity"}}
+    ServerConfig.model_validate({"objectives": objs, "baselines": {"h": {"aligned_to": ["helpful"]}}})
+    with pytest.raises(ValidationError, match="unregistered objective"):
+        ServerConfig.model_validate({"objectives": objs, "baselines": {"h": {"aligned_to": ["sentiment"]}}})
+    with pytest.raises(ValidationError, match="not supported yet"):
+        ServerConfig.model_validate({"baselines": {"m": {"kind": "model", "aligned_to": ["safety"], "path": "org/m"}}})
+    with pytest.raises(ValidationError, match="needs a path"):
+        ServerConfig.model_validate({"baselines": {"l": {"kind": "lora", "aligned_to": ["safety"]}}})
+    with pytest.raises(ValidationError, match="enable_lora"):
+        ServerConfig.model_validate({"engine": {"enable_lora": False},
+                                     "baselines": {"l": {"kind": "lora", "aligned_to": ["safety"], "path": "/a"}}})
+    ServerConfig.model_validate({"baselines": None})     # the embedded defaults
+
+
+def test_load_baselines_defaults_fit_the_registered_objectives():
+    from decoders.baselines import load_baselines
+
+    assert set(load_baselines(None, ["sentiment", "safety", "relevance", "brevity"])) == set(default_baseline_configs())
+    assert set(load_baselines(None, ["sentiment", "safety"])) == {"positive", "harmless", "warm_harmless"}
+    assert load_baselines(None, ["helpful"]) == {}
+    assert load_baselines({}, ["sentiment"]) == {}
+    with pytest.raises(ValueError):
+        load_baselines({"x": BaselineConfig(aligned_to=["nope"])}, ["sentiment"])
+
+
+def test_engine_lora_requests_resolve_only_configured_adapters():
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from server.config import ServerConfig
+    from server.engine import lora_adapters, lora_enabled, split_lora
+
+    cfg = ServerConfig.model_validate({"baselines": {
+        "safe": {"kind": "lora", "aligned_to": ["safety"], "path": "/adapters/safe"},
+        "pos": {"kind": "lora", "aligned_to": ["sentiment"], "path": "/adapters/pos"},
+        "kind": {"aligned_to": ["sentiment"], "system_prompt": "Be kind."}}})
+    adapters = lora_adapters(cfg)
+    assert adapters == {"pos": "/adapters/pos", "safe": "/adapters/safe"} and lora_enabled(cfg)
+    assert not lora_enabled(ServerConfig()) and lora_adapters(ServerConfig()) == {}
+    # what the decoder sends for a lora baseline (decoders.baselines.rollout_extra_params)
+    sent = {"n": 1, "max_tokens": 4, "temperature": 0.0,
+            **rollout_extra_params("safe", cfg.baselines["safe"])}
+    params, lora = split_lora(sent, adapters)
+    assert "lora_request" not in params and "lora_request" in sent
+    SamplingParams(**params)                     # what used to raise TypeError
+    assert isinstance(lora, LoRARequest) and lora.lora_name == "safe" and lora.lora_path == "/adapters/safe"
+    assert lora.lora_int_id == 2 and split_lora({"lora_request": {"lora_name": "pos"}}, adapters)[1].lora_int_id == 1
+    assert split_lora({"n": 1}, adapters) == ({"n": 1}, None)
+    # nothing but a configured name loads an adapter, and only from its configured path
+    for bad in ({"lora_name": "other", "lora_path": "/etc"}, {"lora_name": "safe", "lora_path": "/tmp/evil"},
+                {"lora_path": "/adapters/safe"}, "safe"):
+        with pytest.raises(ValueError):
+            split_lora({"lora_request": bad}, adapters)
+
+
+# --- server/methods.py::_transfer_q against fake deployment handles --------------------------------
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    async def remote(self, *args):
+        return self.fn(*args)
+
+
+class _FakeTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return FakeGen().decode(ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return FakeGen().encode(text)
+
+
+def _fake_ctx(alignment: dict, *, baselines=None, **sampling):
+    import types
+
+    from server.events import Outcome
+    from server.protocol import AlignmentParams
+
+    fake = FakeGen()
+
+    def generate(prompts, params, rid):
+        out = []
+        for comps in _sync(fake.generate(prompts, params)):
+            out.append([{"text": c.text, "token_ids": c.token_ids, "cumulative_logprob": c.cumulative_logprob,
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                         "logprobs": None if c.logprobs is None else [
+                             {"id": t, "logprob": lp.get(t, -9.0), "token": None,
+                              "top": [(tid, v, None) for tid, v in lp.items()]}
+                             for t, lp in zip(c.token_ids, c.logprobs)]} for c in comps])
+        return out
+
+    scorer = sentiment_scorer()
+    ingress = types.SimpleNamespace(
+        config=types.SimpleNamespace(limits=LimitsConfig()),
+        baselines=default_baseline_configs() if baselines is None else baselines,
+        render_chat=lambda msgs: list(CONTEXT), tokenizer=_FakeTokenizer(),
+        engine=types.SimpleNamespace(generate=_Remote(generate)),
+        rewards=types.SimpleNamespace(score=_Remote(lambda o, p, r: _sync(scorer.score(o, p, r)))),
+        objectives=objectives_for("sentiment", "safety"), stop_token_ids=[EOS])
+    a = AlignmentParams(**alignment)
+    ctx = types.SimpleNamespace(
+        req=types.SimpleNamespace(alignment=a, stream=False), ingress=ingress, method=a.method, rid="r1",
+        mixture=Mixture(weights=dict(a.weights), transform="raw"), prompt_ids=list(PROMPT), prompt_text="the prompt",
+        messages=[{"role": "user", "content": "hi"}], outcome=Outcome(prompt_tokens=2),
+        sampling={"n": 1, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.0,
+                  "presence_penalty": 0.0, "seed": None, "stop": None, **sampling})
+    return ctx, fake
+
+
+def _sync(coro):
+    """Run a fake's (never actually suspending) coroutine to completion."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("fake coroutine suspended")
+
+
+
+def _events(ctx):
+    from server import methods
+
+    async def collect():
+        return [ev async for ev in methods.run(ctx)]
+    return run(collect())
+
+
+def test_methods_args_needs_no_baseline():
+    ctx, fake = _fake_ctx({"method": "args", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1}, baselines={})
+    evs = _events(ctx)
+    assert [type(e).__name__ for e in evs][-1] == "Finish"
+    r = ctx.outcome.receipt
+    assert r["method"] == "args" and r["baseline"] is None and r["cost"]["rollouts"] == 0
+    # transfer_q on the same server (no baseline) is the 400 naming alignment.baseline
+    ctx, _ = _fake_ctx({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2}, baselines={})
+    with pytest.raises(ParamError) as ei:
+        _events(ctx)
+    assert ei.value.param == "alignment.baseline"
+
+
+def test_methods_transfer_q_refuses_penalties_and_honors_stop():
+    from server.errors import BadRequest
+
+    for field in ("frequency_penalty", "presence_penalty"):
+        ctx, _ = _fake_ctx({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1},
+                           **{field: 0.5})
+        with pytest.raises(BadRequest) as ei:
+            _events(ctx)
+        assert ei.value.param == field and ei.value.status_code == 400
+    # stop strings: default dist picks "good" every step -> "good good" completes the stop string "d g"
+    ctx, _ = _fake_ctx({"method": "args", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1}, stop=["d g"])
+    evs = _events(ctx)
+    text = "".join(e.text for e in evs if type(e).__name__ == "Delta")
+    finish = [e for e in evs if type(e).__name__ == "Finish"]
+    assert text == "goo" and finish[0].reason == "stop"
+
+
+def test_methods_added_latency_counts_scoring_and_rollouts():
+    ctx, _ = _fake_ctx({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1,
+                        "rollout_tokens": 2})
+    _events(ctx)
+    t = ctx.outcome.receipt["timing"]
+    assert ctx.outcome.added_latency_s >= t["scoring_s"] - 1e-4
+    assert ctx.outcome.added_latency_s <= t["scoring_s"] + t["generation_s"] + 1e-3
