@@ -27,6 +27,7 @@ from server import metrics
 from server.config import LimitsConfig, ServerConfig
 from server.events import Delta, Finish, Outcome
 from server.errors import AlignmentFailed, APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, Unauthorized
+from server.handles import RewardTimeout, TimedRewards
 from server.protocol import (BEST_OF_N_DEFAULT, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard,
                              ModelList, new_id, now)
 
@@ -38,8 +39,25 @@ app = FastAPI(title="alignserve", version="0.1.0",
 
 # ----------------------------------------------------------------------------- errors
 
+def _rejected_reason(exc: APIError) -> str | None:
+    """The `reason` label of alignserve_requests_rejected_total for an error answered by the
+    handlers below; None where it is counted where it is raised (401 auth, 413 too_large,
+    429 overload) or is not a refusal (timeouts, failures)."""
+    if exc.status_code == 400:
+        return "invalid"
+    if exc.status_code == 404:
+        return "not_found"
+    if exc.code == "shutting_down":
+        return "draining"
+    return None
+
+
 @app.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    reason = _rejected_reason(exc)
+    if reason is not None:
+        method = getattr(request.state, "alignserve_method", None) or "unknown"
+        metrics.REQUESTS_REJECTED.labels(method, reason).inc()
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
@@ -53,6 +71,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     # Drop pydantic's union/function tags (e.g. "function-after[...]", "str") from the parameter path.
     loc = [p for p in loc if "[" not in p and p not in _UNION_TAGS]
     msg = err.get("msg", "invalid request")
+    metrics.REQUESTS_REJECTED.labels("unknown", "invalid").inc()  # the body did not parse: no method yet
     if err.get("type") == "json_invalid":
         return JSONResponse(BadRequest("request body is not valid JSON", code="invalid_json").body(), status_code=400)
     if err.get("type") == "missing":
@@ -66,6 +85,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown routes (404), wrong methods (405) and bodies FastAPI cannot decode (e.g. invalid UTF-8)."""
     codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
+    if exc.status_code == 400:
+        metrics.REQUESTS_REJECTED.labels("unknown", "invalid").inc()
     err = APIError(str(exc.detail), code=codes.get(exc.status_code), status_code=exc.status_code)
     return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
@@ -305,7 +326,9 @@ def _record(ctx: _Context, t0: float, status: int) -> None:
     if status != 200:
         return
     metrics.OUTPUT_TOKENS.labels(m).inc(out.completion_tokens)
-    if out.first_token_t is not None:
+    # Time to first token only where the client gets tokens as they come (stream: true); a
+    # non-streamed answer arrives whole, and its latency is request_latency_seconds.
+    if out.first_token_t is not None and getattr(ctx.req, "stream", False):
         metrics.TIME_TO_FIRST_TOKEN.labels(m).observe(out.first_token_t - t0)
         if out.completion_tokens > 1 and out.last_token_t > out.first_token_t:
             metrics.INTER_TOKEN_LATENCY.labels(m).observe((out.last_token_t - out.first_token_t) / (out.completion_tokens - 1))
@@ -359,22 +382,33 @@ def _text_logprobs(steps: list[dict]) -> dict[str, Any]:
 _UNAVAILABLE = frozenset({"EngineDeadError", "ActorDiedError", "ActorUnavailableError", "RayActorError"})
 
 
-def _as_api_error(e: BaseException) -> APIError:
-    """Engine-side validation errors (vLLM raises ValueError subclasses) are the client's fault."""
+def _as_api_error(e: BaseException, rid: str | None = None) -> APIError:
+    """The OpenAI-shaped error for an exception of the request path.
+
+    400s are only the BadRequests the server raises deliberately (request validation); anything
+    else that escapes (an engine ValueError included) is our fault: a 500 whose message names the
+    request id but not the exception, which is logged server-side with that id."""
     if isinstance(e, APIError):
-        return e
+        return _refine(e)
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, APIError):
-        return cause
+        return _refine(cause)
     if type(cause).__name__ in _UNAVAILABLE:
         # The engine process died (or its replica is gone): Ray Serve's health check replaces the
         # replica; until then this is a retryable 503, not an internal error.
         return ServerError(f"the engine is unavailable ({type(cause).__name__}); retry later",
                            code="engine_unavailable", status_code=503, headers={"Retry-After": "10"})
-    if isinstance(cause, ValueError):
-        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        return BadRequest(msg, code="invalid_request")
-    return ServerError(f"internal error: {type(cause).__name__}: {str(cause)[-300:]}")
+    return ServerError(f"internal server error (request {rid or 'unknown'}); the details are in the server log",
+                       code="internal_error")
+
+
+def _refine(e: APIError) -> APIError:
+    """A reward call past limits.reward_timeout_s is `reward_timeout`, whichever scorer wrapped it."""
+    if isinstance(e, AlignmentFailed) and e.code != "reward_timeout" and isinstance(e.__cause__, RewardTimeout):
+        refined = AlignmentFailed(f"reward scoring timed out: {e.__cause__}", code="reward_timeout")
+        refined.__cause__ = e.__cause__
+        return refined
+    return e
 
 
 def _load_api_keys(config: ServerConfig) -> list[str]:
@@ -382,9 +416,18 @@ def _load_api_keys(config: ServerConfig) -> list[str]:
     env = os.environ.get("ALIGNSERVE_API_KEYS", "")
     keys += [k.strip() for k in env.split(",") if k.strip()]
     path = config.api_keys_file or os.environ.get("ALIGNSERVE_API_KEYS_FILE")
-    if path and os.path.exists(path):
+    if path:
+        # Fail closed: a key file that was configured but is missing or holds no key must not
+        # leave the API open (the replica does not start, and says why).
+        if not os.path.isfile(path):
+            raise RuntimeError(f"API key file {path!r} (api_keys_file / ALIGNSERVE_API_KEYS_FILE) does not exist; "
+                               "refusing to start with authentication off")
         with open(path) as f:
-            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            from_file = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
+        if not from_file:
+            raise RuntimeError(f"API key file {path!r} (api_keys_file / ALIGNSERVE_API_KEYS_FILE) holds no key; "
+                               "refusing to start with authentication off")
+        keys += from_file
     return keys
 
 
@@ -395,6 +438,7 @@ def _error_doc(what: str) -> dict[str, Any]:
 
 
 _ERRORS_GET: dict[int | str, dict[str, Any]] = {401: _error_doc("Missing or invalid API key")}
+_ERRORS_GET_MODEL: dict[int | str, dict[str, Any]] = {**_ERRORS_GET, 404: _error_doc("Unknown model")}
 _ERRORS_POST: dict[int | str, dict[str, Any]] = {
     200: {"description": "The completion; server-sent events (`data: {chunk}` ... `data: [DONE]`) when `stream` is true",
           # OpenAPI 3.1: for an event stream, `schema` describes each event.
@@ -402,12 +446,13 @@ _ERRORS_POST: dict[int | str, dict[str, Any]] = {
               "type": "object", "required": ["data"],
               "properties": {"data": {"type": "string",
                                       "description": "a JSON chunk, a JSON error body, or [DONE]"}}}}}},
-    400: _error_doc("Invalid request (the error's `param` names the field)"),
+    400: _error_doc("Invalid request (the error's `param` names the field), or one that costs more than "
+                    "limits.max_concurrent_cost (`request_too_costly`)"),
     401: _error_doc("Missing or invalid API key"),
     404: _error_doc("Unknown model"),
     413: _error_doc("Request body larger than limits.max_request_bytes"),
     429: _error_doc("Over limits.max_concurrent_cost (or the ingress queue); see Retry-After"),
-    502: _error_doc("A reward or value model failed; no unaligned answer is returned"),
+    502: _error_doc("A reward or value model failed or timed out; no unaligned answer is returned"),
     503: _error_doc("The engine is down (being replaced) or the server is shutting down; see Retry-After"),
     504: _error_doc("Request exceeded limits.request_timeout_s"),
 }
@@ -441,23 +486,26 @@ class OpenAIIngress:
 
         self.config = ServerConfig.model_validate(config)
         self.engine = engine
-        self.rewards = rewards
+        # Every scoring call is bounded by limits.reward_timeout_s (server/handles.py).
+        self.rewards = TimedRewards(rewards, self.config.limits.reward_timeout_s)
         self.model_name = self.config.model_name
         self.model_path = resolve_model(self.config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.max_model_len = self.config.engine.max_model_len
         # Registry metadata only (names, reference stats); scoring runs in the reward deployment.
         self.objectives = build_objectives(self.config.objectives)
-        from decoders.baselines import default_baseline_configs
+        from decoders.baselines import load_baselines
 
-        self.baselines = self.config.baselines if self.config.baselines is not None else default_baseline_configs()
+        self.baselines = load_baselines(self.config.baselines, self.objectives)
         eos = {self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get("<|im_end|>")}
         self.stop_token_ids = sorted(t for t in eos if isinstance(t, int) and t >= 0)
         self.api_keys = _load_api_keys(self.config)
         # The gate middleware runs before routing (no `self` there): configure it for this replica.
         _configure_gate(self.api_keys, self.config.metrics_require_auth, self.config.limits.max_request_bytes)
         self.cost_in_flight = 0
+        metrics.bind_cost_gauges(lambda: self.cost_in_flight, self.config.limits.max_concurrent_cost)
         self.draining = False
+        self._background: set[asyncio.Task] = set()  # engine aborts of requests whose task was cancelled
         self._engine_info: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- plumbing
@@ -481,6 +529,13 @@ class OpenAIIngress:
             await asyncio.wait_for(self.engine.abort.remote(rid), timeout=3)
         except Exception:  # noqa: BLE001 - best effort; the engine still bounds it by max_tokens
             logger.warning("could not abort engine requests of %s", rid, exc_info=True)
+
+    def _abort_soon(self, rid: str) -> None:
+        """Abort from a task of its own: for a request whose task is being cancelled (the client
+        went away), an `await` there would be cancelled too."""
+        task = asyncio.ensure_future(self._abort(rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _value_models(self) -> list[str]:
         if self._engine_info is None:
@@ -530,13 +585,19 @@ class OpenAIIngress:
 
     # Test-only hooks (config `enable_test_hooks`); otherwise they answer 404 like any unknown path.
     @app.post("/admin/faults", include_in_schema=False)
-    async def admin_faults(self, request: Request, count: int = 1) -> dict[str, int]:
-        """Make the next `count` reward-scoring calls fail (RewardDeployment.inject_faults)."""
+    async def admin_faults(self, request: Request, count: int = 1, kind: str = "fail",
+                           sleep_s: float = 0.0) -> dict[str, Any]:
+        """Make the next `count` reward-scoring calls fail (`kind=fail`) or stall for `sleep_s`
+        seconds (`kind=sleep`) (RewardDeployment.inject_faults)."""
         self._test_hooks(request)
         if not 0 <= count <= 100:
             raise BadRequest("count must be in [0, 100]", param="count")
-        await self.rewards.inject_faults.remote(count)
-        return {"reward_faults": count}
+        if kind not in ("fail", "sleep"):
+            raise BadRequest("kind must be 'fail' or 'sleep'", param="kind")
+        if not 0 <= sleep_s <= 600:
+            raise BadRequest("sleep_s must be in [0, 600]", param="sleep_s")
+        await self.rewards.inject_faults.remote(count, kind, sleep_s)
+        return {"reward_faults": count, "kind": kind}
 
     @app.get("/admin/state", include_in_schema=False)
     async def admin_state(self, request: Request) -> dict[str, int]:
@@ -545,10 +606,21 @@ class OpenAIIngress:
         load = await self.engine.load.remote()
         return {"cost_in_flight": self.cost_in_flight, "engine_unfinished": load["unfinished"]}
 
+    def _model_card(self) -> ModelCard:
+        # `root` is the served name, as in vLLM's server: where the weights lie stays private.
+        return ModelCard(id=self.model_name, root=self.model_name, max_model_len=self.max_model_len)
+
     @app.get("/v1/models", responses=_ERRORS_GET)
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
-        return ModelList(data=[ModelCard(id=self.model_name, root=self.model_path, max_model_len=self.max_model_len)])
+        return ModelList(data=[self._model_card()])
+
+    @app.get("/v1/models/{model:path}", responses=_ERRORS_GET_MODEL)
+    async def model(self, model: str, request: Request) -> ModelCard:
+        """One model (`client.models.retrieve`); an unknown id is a 404 like a request naming it."""
+        self._authorize(request)
+        self._check_model(model)
+        return self._model_card()
 
     @app.get("/v1/alignment/objectives", responses=_ERRORS_GET)
     async def objectives(self, request: Request) -> dict[str, Any]:
@@ -587,6 +659,7 @@ class OpenAIIngress:
 
     async def _serve(self, req, request: Request, prompt_ids, prompt_text, messages, *, kind: str, param: str):
         method = req.method
+        request.state.alignserve_method = method  # for the rejection counters of the error handlers
         if self.draining:
             raise ServerError("the server is shutting down; retry on another replica", code="shutting_down",
                               status_code=503, headers={"Retry-After": "5"})
@@ -603,6 +676,12 @@ class OpenAIIngress:
         sampling = req.to_sampling_params(limits, len(prompt_ids), self.max_model_len)
 
         cost = self._cost(req)
+        if cost > limits.max_concurrent_cost:
+            # It could never fit, however long the client waits: a 400 naming the knob, not a 429.
+            knob = self._cost_param(req)
+            raise BadRequest(f"this request costs {cost} sequences, more than the server's whole budget "
+                             f"(limits.max_concurrent_cost = {limits.max_concurrent_cost}); lower {knob}",
+                             param=knob, code="request_too_costly")
         if self.cost_in_flight + cost > limits.max_concurrent_cost:
             metrics.REQUESTS_REJECTED.labels(method, "overload").inc()
             raise Overloaded(f"server is at capacity ({self.cost_in_flight}/{limits.max_concurrent_cost} "
@@ -641,13 +720,19 @@ class OpenAIIngress:
             await self._abort(rid)
             raise Timeout(f"request exceeded {limits.request_timeout_s}s", code="timeout") from None
         except asyncio.CancelledError:
-            _record(ctx, t0, 499)  # the client went away (Ray Serve cancels this task and its engine calls)
+            # The client went away: Ray Serve cancels this task, but cancelling our awaits does not
+            # reach the engine replica, so abort its requests by id (in a task of their own).
+            _record(ctx, t0, 499)
+            self._abort_soon(rid)
             raise
         except APIError as e:
-            _record(ctx, t0, e.status_code)
-            raise
+            err = _refine(e)
+            _record(ctx, t0, err.status_code)
+            if err is e:
+                raise
+            raise err from e.__cause__
         except Exception as e:  # noqa: BLE001 - surfaced in the OpenAI error shape
-            err = _as_api_error(e)
+            err = _as_api_error(e, rid)
             if err.status_code >= 500:
                 logger.exception("request %s failed", rid)
             _record(ctx, t0, err.status_code)
@@ -655,6 +740,16 @@ class OpenAIIngress:
         finally:
             if not handed_off:
                 release()
+
+    @staticmethod
+    def _cost_param(req) -> str:
+        """The request field that sets its cost (see `_cost`)."""
+        a = req.alignment
+        if a is None or a.method in ("none", "vas"):
+            return "n"
+        if a.method == "best_of_n":
+            return "alignment.n"
+        return "n" if a.top_k is None and (req.n or 1) > 1 else "alignment.top_k"
 
     def _release(self, method: str, cost: int) -> None:
         self.cost_in_flight -= cost
@@ -765,13 +860,14 @@ class OpenAIIngress:
                 yield f"data: {json.dumps(body)}\n\n".encode()
             _record(ctx, t0, 200)
         except APIError as e:
+            e = _refine(e)
             _record(ctx, t0, e.status_code)
             yield f"data: {json.dumps(e.body())}\n\n".encode()
         except asyncio.CancelledError:
             _record(ctx, t0, 499)  # client went away; generation is cancelled with this task
             raise
         except Exception as e:  # noqa: BLE001
-            err = _as_api_error(e)
+            err = _as_api_error(e, ctx.rid)
             if err.status_code >= 500:
                 logger.exception("stream %s failed", ctx.rid)
             _record(ctx, t0, err.status_code)
@@ -788,7 +884,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     def options(d) -> dict[str, Any]:
         opts: dict[str, Any] = {"max_ongoing_requests": d.max_ongoing_requests,
-                                "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}}
+                                "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+                                # Graceful drain wherever Ray Serve stops a replica (serve run, serve
+                                # deploy, KubeRay upgrades, downscaling), not only under `make serve`:
+                                # the replica takes no new requests and waits for those in flight.
+                                "graceful_shutdown_timeout_s": config.limits.drain_timeout_s,
+                                "graceful_shutdown_wait_loop_s": 1.0}
         if d.max_queued_requests != -1:
             # Past the queue bound Ray Serve's proxy answers 429 + Retry-After instead of queueing.
             opts["max_queued_requests"] = d.max_queued_requests

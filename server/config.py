@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -42,6 +42,12 @@ class EngineConfig(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
     # CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_gib: int = 1
+    # LoRA (for `kind: lora` Transfer Q* baselines). None: on exactly when a LoRA baseline is
+    # configured; False with a LoRA baseline configured is a config error. Adapters are loaded only
+    # from the paths in `baselines` (a request names a baseline, never a path).
+    enable_lora: bool | None = None
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    max_loras: int = Field(default=1, ge=1)
 
 
 class ObjectiveConfig(_Strict):
@@ -67,7 +73,9 @@ class BaselineConfig(_Strict):
     """A baseline aligned model for Transfer Q*.
 
     kind `prompted`: the base model steered by a system prompt; `lora`: a LoRA adapter on the
-    base model; `model`: another model served by vLLM (not on the embedded default).
+    base model (`path`: the adapter dir; the engine turns LoRA on for it); `model`: another model
+    served by vLLM -- reserved, not supported yet: a server config naming one is refused at load
+    (decoders/baselines.py::validate_baselines).
     """
     kind: Literal["prompted", "lora", "model"] = "prompted"
     aligned_to: list[str]
@@ -93,7 +101,11 @@ class LimitsConfig(_Strict):
     # Cost budget across concurrent requests, in "sequences" (a best-of-8 request costs 8).
     max_concurrent_cost: int = 256
     request_timeout_s: float = 300.0
-    # On SIGTERM (`python -m server.serve`): refuse new requests, wait this long for those in flight.
+    # One call to the reward deployment (scoring candidates or answers); past it the request fails
+    # with 502 `reward_timeout` (never an unscored answer).
+    reward_timeout_s: float = 60.0
+    # On shutdown (SIGTERM to `python -m server.serve`, or Ray Serve stopping an ingress replica):
+    # refuse new requests, wait this long for those in flight.
     drain_timeout_s: float = 30.0
 
 
@@ -106,6 +118,14 @@ class DeploymentConfig(_Strict):
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     autoscaling: dict[str, Any] | None = None
+
+
+# Per-deployment defaults; a partial block in the config is merged onto these (ServerConfig).
+DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 256, "max_queued_requests": 256},
+    "engine_deployment": {"num_cpus": 1.0, "max_ongoing_requests": 512},
+    "rewards_deployment": {"num_cpus": 0.5, "max_ongoing_requests": 256},
+}
 
 
 class ServerConfig(_Strict):
@@ -122,10 +142,38 @@ class ServerConfig(_Strict):
     # Test-only hooks (POST /admin/faults, GET /admin/state): fault injection and load inspection
     # for the hardening tests. Off by default; never enable in production.
     enable_test_hooks: bool = False
-    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256,
-                                                                               max_queued_requests=256))
-    engine_deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=1.0, max_ongoing_requests=512))
-    rewards_deployment: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256))
+    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(**DEPLOYMENT_DEFAULTS["ingress"]))
+    engine_deployment: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(**DEPLOYMENT_DEFAULTS["engine_deployment"]))
+    rewards_deployment: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(**DEPLOYMENT_DEFAULTS["rewards_deployment"]))
+
+    @field_validator("ingress", "engine_deployment", "rewards_deployment", mode="before")
+    @classmethod
+    def _merge_deployment_defaults(cls, v: Any, info) -> Any:
+        """A partial block (e.g. `ingress: {num_replicas: 2}` in a Serve config) overrides only the
+        keys it names: the rest, such as the ingress queue bound, keep this deployment's defaults."""
+        if isinstance(v, dict):
+            return {**DEPLOYMENT_DEFAULTS[info.field_name], **v}
+        return v
+
+    @model_validator(mode="after")
+    def _check_baselines(self) -> "ServerConfig":
+        """Baselines are validated at config load (every deployment validates the same dict), so a
+        bad registry fails at startup instead of on the first Transfer Q* request."""
+        if self.baselines is not None:
+            from decoders.baselines import validate_baselines
+
+            if self.objectives is not None:
+                names = list(self.objectives)
+            else:
+                from decoders.rewards import default_objective_configs
+
+                names = list(default_objective_configs())
+            validate_baselines(self.baselines, names)
+            if self.engine.enable_lora is False and any(b.kind == "lora" for b in self.baselines.values()):
+                raise ValueError("a `kind: lora` baseline is configured but engine.enable_lora is false")
+        return self
 
     @property
     def model_name(self) -> str:

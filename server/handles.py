@@ -1,6 +1,7 @@
 """Adapters from Ray Serve deployment handles to the decoder interfaces (decoders/base.py)."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -48,3 +49,54 @@ class RewardScorer:
         if not responses:
             return {o: [] for o in objectives}
         return await self.handle.score.remote(objectives, prompts, responses)
+
+
+class RewardTimeout(Exception):
+    """A call to the reward deployment ran past `limits.reward_timeout_s` (and was cancelled).
+    Deliberately not a TimeoutError: the request's own deadline (`request_timeout_s`, a 504) is
+    a different error."""
+
+
+class TimedRewards:
+    """The reward deployment handle with a deadline on `score.remote(...)`; other methods pass through.
+
+    The ingress holds this instead of the bare handle, so every scoring path (methods._score, the
+    best-of-N and Transfer Q* scorers) is bounded: past the deadline the call is cancelled on the
+    reward replica and `RewardTimeout` is raised (the methods turn it into a 502 `reward_timeout`).
+    """
+
+    def __init__(self, handle, timeout_s: float | None):
+        self._handle = handle
+        self.timeout_s = timeout_s
+        self.score = _Deadline(handle.score, timeout_s)
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+
+class _Deadline:
+    def __init__(self, method, timeout_s: float | None):
+        self._method = method
+        self._timeout_s = timeout_s
+
+    def options(self, **kwargs) -> "_Deadline":
+        return _Deadline(self._method.options(**kwargs), self._timeout_s)
+
+    def remote(self, *args, **kwargs):
+        return _await_with_deadline(self._method.remote(*args, **kwargs), self._timeout_s)
+
+
+async def _await_with_deadline(response, timeout_s: float | None):
+    async def result():
+        return await response
+
+    if timeout_s is None or timeout_s <= 0:
+        return await result()
+    try:
+        return await asyncio.wait_for(result(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        cancel = getattr(response, "cancel", None)  # stop the work on the reward replica too
+        if cancel is not None:
+            cancel()
+        raise RewardTimeout(f"the reward model did not answer within {timeout_s:g}s "
+                            "(limits.reward_timeout_s)") from None

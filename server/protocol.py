@@ -1,9 +1,12 @@
 """The OpenAI-compatible wire format, plus one namespaced extension: ``alignment``.
 
-Request models mirror OpenAI's schema field by field, in OpenAI's order (fields we do not
-implement are left out, and unknown top-level fields are ignored as OpenAI and vLLM do).
+Request models mirror OpenAI's schema field by field (fields we do not implement are left out,
+and unknown top-level fields are ignored as OpenAI and vLLM do). Their JSON schema (what
+``GET /openapi.json`` shows) lists the fields in OpenAI's order: the required ones first
+(``messages``, ``model`` for chat; ``model``, ``prompt`` for completions), then the optional ones
+alphabetically, as OpenAI's reference does, then our extension ``alignment``.
 ``alignment`` is validated strictly: unknown keys, unknown methods, or a knob that the chosen
-method does not use are 400s naming the field.
+method does not use are 400s naming the field (e.g. ``alignment.top_k``).
 
 A request converts itself into engine parameters (``to_sampling_params``), each value taken
 in the order: user value -> server default -> OpenAI default.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator,
                       model_validator)
@@ -105,14 +108,19 @@ class AlignmentParams(BaseModel):
             raise ValueError(f"{info.field_name} must be a finite number")
         return v
 
-    @model_validator(mode="after")
-    def _knobs_belong_to_method(self) -> "AlignmentParams":
-        allowed = METHOD_FIELDS[self.method]
-        for name in self.model_fields_set - {"method"}:
-            if getattr(self, name) is not None and name not in allowed:
-                raise ValueError(f"`{name}` is not a parameter of method '{self.method}' "
-                                 f"(it takes: {', '.join(sorted(allowed)) or 'nothing'})")
-        return self
+    @field_validator("weights", "transform", "caps", "n", "early_pruning", "chunk_tokens", "keep_fraction", "beta",
+                     "top_k", "alpha", "block", "rollout_tokens", "baseline", "transfer", "indirect_coef")
+    @classmethod
+    def _knob_belongs_to_method(cls, v: Any, info) -> Any:
+        """A field validator (not a model validator) so that the error's `param` is the knob itself,
+        e.g. `alignment.rollout_tokens`. `method` is declared first, so it is validated already
+        (if it is invalid, that is the error reported)."""
+        method = info.data.get("method")
+        if v is not None and method is not None and info.field_name not in METHOD_FIELDS[method]:
+            allowed = METHOD_FIELDS[method]
+            raise ValueError(f"`{info.field_name}` is not a parameter of method '{method}' "
+                             f"(it takes: {', '.join(sorted(allowed)) or 'nothing'})")
+        return v
 
     def check_limits(self, limits: LimitsConfig) -> None:
         """Server-side ranges (configurable, see LimitsConfig). Raises BadRequest."""
@@ -181,9 +189,18 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def _openai_order(schema: dict[str, Any], cls: type) -> None:
+    """JSON schema properties in OpenAI's order: required first, optional alphabetically, `alignment` last."""
+    props = schema.get("properties", {})
+    head = [f for f in getattr(cls, "REQUIRED_ORDER", ()) if f in props]
+    rest = sorted(f for f in props if f not in head and f != "alignment")
+    order = head + rest + (["alignment"] if "alignment" in props else [])
+    schema["properties"] = {f: props[f] for f in order}
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by chat and completions, with their OpenAI defaults noted."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_openai_order)
 
     model: Text
     frequency_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -200,6 +217,13 @@ class _SamplingRequest(BaseModel):
     user: Text | None = Field(default=None, max_length=256)
     # The one namespaced extension.
     alignment: AlignmentParams | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: StreamOptions | None, info) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -274,16 +298,22 @@ class _SamplingRequest(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    # OpenAI order: messages, model, ..., logprobs, max_completion_tokens, max_tokens, ...
+    REQUIRED_ORDER: ClassVar[tuple[str, ...]] = ("messages", "model")  # the schema's order (_openai_order)
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: Bool | None = False
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     top_logprobs: Int | None = Field(default=None, ge=0, le=20)
 
-    @model_validator(mode="after")
-    def _logprobs(self) -> "ChatCompletionRequest":
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v: int | None, info) -> int | None:
+        # `logprobs` is validated before `top_logprobs` (field order), so it is in `info.data`.
+        if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs: true")
+        return v
+
+    @model_validator(mode="after")
+    def _text_messages(self) -> "ChatCompletionRequest":
         for m in self.messages:
             m.text()
         return self
@@ -298,6 +328,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
+    REQUIRED_ORDER: ClassVar[tuple[str, ...]] = ("model", "prompt")  # the schema's order (_openai_order)
     prompt: Text | list[Text] | list[Int] = Field(...)
     echo: Bool | None = False
     logprobs: Int | None = Field(default=None, ge=0, le=5)
@@ -314,13 +345,12 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        return self
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported(cls, v: Any, info) -> Any:
+        if v:
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
 
     def num_logprobs(self) -> int | None:
         return self.logprobs

@@ -44,7 +44,10 @@ class RewardDeployment:
         # Load every model now, not on the first request.
         names = list(self.service.objectives)
         self.service.score_now(names, ["warm up"], ["Hello there."])
-        self._fail_next = 0  # fault injection for tests (see `inject_faults`)
+        # Fault injection for tests (see `inject_faults`): how many calls, and what happens to them.
+        self._fail_next = 0
+        self._fault_kind = "fail"
+        self._fault_sleep_s = 0.0
 
     async def describe(self) -> list[dict[str, Any]]:
         return self.service.describe()
@@ -52,7 +55,10 @@ class RewardDeployment:
     async def score(self, objectives: list[str], prompts: list[str], responses: list[str]) -> dict[str, list[float]]:
         if self._fail_next > 0:
             self._fail_next -= 1
-            raise RuntimeError("injected reward failure")
+            if self._fault_kind == "sleep":
+                await asyncio.sleep(self._fault_sleep_s)  # a hung model: then score normally
+            else:
+                raise RuntimeError("injected reward failure")
         items = [(o, p, r) for o in objectives for p, r in zip(prompts, responses)]
         scores = await asyncio.gather(*(self._score_item(item) for item in items))
         out: dict[str, list[float]] = {o: [] for o in objectives}
@@ -76,6 +82,11 @@ class RewardDeployment:
                 result[i] = s
         return result
 
-    async def inject_faults(self, count: int) -> None:
-        """Make the next `count` score calls fail (used by fault-injection tests)."""
+    async def inject_faults(self, count: int, kind: str = "fail", sleep_s: float = 0.0) -> None:
+        """Make the next `count` score calls fail (`kind="fail"`) or stall `sleep_s` seconds first
+        (`kind="sleep"`, to exercise limits.reward_timeout_s); used by fault-injection tests."""
+        if kind not in ("fail", "sleep"):
+            raise ValueError(f"unknown fault kind {kind!r}")
         self._fail_next = count
+        self._fault_kind = kind
+        self._fault_sleep_s = float(sleep_s)

@@ -4,6 +4,10 @@
 
 The config file (optional) is a ServerConfig dict, the same as `args` in
 deploy/serve_config.yaml; without one the embedded default model is served.
+Also installed as the `alignserve` command (pyproject.toml [project.scripts]).
+
+Ray's own Prometheus metrics (ray_*, ray_serve_*) are exported on RAY_METRICS_EXPORT_PORT when it
+is set (otherwise Ray picks a free port); the alignserve_* series are on the API's GET /metrics.
 """
 from __future__ import annotations
 
@@ -49,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.app import build_app
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    init_kwargs: dict = {}
+    if os.environ.get("RAY_METRICS_EXPORT_PORT"):
+        # A fixed port for Ray's metrics agent, so Prometheus can scrape ray_serve_* (default: random).
+        init_kwargs["_metrics_export_port"] = int(os.environ["RAY_METRICS_EXPORT_PORT"])
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
     serve.start(http_options={"host": args.host, "port": args.port})
     stop = threading.Event()
 

@@ -15,6 +15,12 @@ def test_models_and_health(server, client, model_name):
     assert httpx.get(f"{server.url}/health").status_code == 200
     models = client.models.list().data
     assert [m.id for m in models] == [model_name] == ["SmolLM2-135M-Instruct"]
+    # `root` is the served name, never the local cache path; one model can be retrieved by id.
+    assert models[0].model_extra["root"] == model_name
+    assert client.models.retrieve(model_name).id == model_name
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
 
 
 def test_chat_completion_with_usage(client, model_name):

@@ -35,6 +35,7 @@ MODEL = "SmolLM2-135M-Instruct"
 FILE_KEY = "sk-from-file-0123456789"
 ENV_KEY = "sk-from-env-9876543210"
 TIMEOUT_S = 15.0
+REWARD_TIMEOUT_S = 4.0
 BUDGET = 4
 # A prompt the base model continues for hundreds of tokens without an EOS (it keeps counting).
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
@@ -280,6 +281,422 @@ def test_every_limit_is_documented():
         assert word in doc, word
 
 
+# ---------------------------------------------------------------------------- unit: audit fixes
+
+DEPLOY_YAMLS = [ROOT / "deploy" / "serve_config.yaml", ROOT / "deploy" / "k8s" / "base" / "serve-config.yaml",
+                ROOT / "deploy" / "k8s" / "overlays" / "gpu" / "serve-config.yaml"]
+
+
+def _yaml_args(path: Path) -> dict:
+    cfg = yaml.safe_load(path.read_text())
+    app = next(a for a in cfg["applications"] if a["import_path"] == "server.app:build_app")
+    return app["args"]
+
+
+@pytest.mark.parametrize("path", DEPLOY_YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("partial", [False, True], ids=["as-shipped", "without-max_queued_requests"])
+def test_deployed_configs_bound_the_ingress_queue(path, partial):
+    """Each YAML's args, through build_app, give the ingress a bounded queue (429 past it), even
+    when its `ingress:` block does not name max_queued_requests (it merges with the defaults)."""
+    from ray.serve._private.build_app import build_app as build_built_app
+
+    from server.app import build_app
+    from server.config import ServerConfig
+
+    args = _yaml_args(path)
+    if partial:
+        args["ingress"].pop("max_queued_requests", None)
+    else:
+        assert args["ingress"]["max_queued_requests"] > 0  # also explicit in the file
+    assert ServerConfig.model_validate(args).ingress.max_queued_requests > 0
+    built = build_built_app(build_app(args), name="alignserve")
+    dc = next(d for d in built.deployments if d.name == "OpenAIIngress")._deployment_config  # noqa: SLF001
+    assert dc.max_queued_requests > 0
+    assert dc.backpressure_config.status_code == 429
+
+
+def test_partial_deployment_blocks_merge_with_defaults():
+    from server.config import ServerConfig
+
+    c = ServerConfig.model_validate({"ingress": {"num_replicas": 2}, "engine_deployment": {"num_gpus": 1}})
+    d = ServerConfig()
+    assert c.ingress.num_replicas == 2 and c.ingress.max_queued_requests == d.ingress.max_queued_requests == 256
+    assert c.ingress.max_ongoing_requests == d.ingress.max_ongoing_requests and c.ingress.num_cpus == 0.5
+    assert c.engine_deployment.num_gpus == 1 and c.engine_deployment.max_ongoing_requests == 512
+    # An explicit -1 still means unbounded, and a round trip (what replicas get) changes nothing.
+    assert ServerConfig.model_validate({"ingress": {"max_queued_requests": -1}}).ingress.max_queued_requests == -1
+    assert ServerConfig.model_validate(c.model_dump()) == c
+
+
+def test_every_deployment_drains_on_graceful_shutdown():
+    """serve run / serve deploy / KubeRay stop replicas through Ray Serve: they drain too."""
+    from ray.serve._private.build_app import build_app as build_built_app
+
+    from server.app import build_app
+
+    built = build_built_app(build_app({"limits": {"drain_timeout_s": 12}}), name="alignserve")
+    assert len(built.deployments) == 3
+    for d in built.deployments:
+        dc = d._deployment_config  # noqa: SLF001
+        assert dc.graceful_shutdown_timeout_s == 12 and dc.graceful_shutdown_wait_loop_s == 1.0, d.name
+
+
+def test_api_key_file_missing_or_empty_fails_closed(tmp_path, monkeypatch):
+    from server.app import _load_api_keys
+    from server.config import ServerConfig
+
+    monkeypatch.delenv("ALIGNSERVE_API_KEYS", raising=False)
+    monkeypatch.delenv("ALIGNSERVE_API_KEYS_FILE", raising=False)
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(RuntimeError, match="does not exist"):
+        _load_api_keys(ServerConfig(api_keys_file=str(missing)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n   \n")
+    with pytest.raises(RuntimeError, match="holds no key"):
+        _load_api_keys(ServerConfig(api_keys_file=str(empty)))
+    monkeypatch.setenv("ALIGNSERVE_API_KEYS_FILE", str(missing))
+    with pytest.raises(RuntimeError, match=str(missing)):
+        _load_api_keys(ServerConfig())
+    monkeypatch.delenv("ALIGNSERVE_API_KEYS_FILE")
+    good = tmp_path / "keys.txt"
+    good.write_text("# keys\nk1\n  k2  \n")
+    assert _load_api_keys(ServerConfig(api_keys_file=str(good))) == ["k1", "k2"]
+    assert _load_api_keys(ServerConfig()) == []  # nothing configured: open, as documented
+
+
+class _SlowMethod:
+    """A fake `handle.method` whose `.remote()` answers after `delay` seconds (cancellable)."""
+
+    def __init__(self, delay: float, result=None):
+        self.delay, self.result, self.cancelled = delay, result, False
+
+    def remote(self, *args):
+        outer = self
+
+        class Response:
+            def __await__(self):
+                return outer._run().__await__()
+
+            def cancel(self):
+                outer.cancelled = True
+
+        return Response()
+
+    async def _run(self):
+        await asyncio.sleep(self.delay)
+        return self.result
+
+
+def _reward_ctx(delay: float, timeout_s: float):
+    from server.handles import TimedRewards
+
+    handle = SimpleNamespace(score=_SlowMethod(delay, {"sentiment": [0.5]}), inject_faults="passthrough")
+    ingress = SimpleNamespace(rewards=TimedRewards(handle, timeout_s), objectives={})
+    mixture = SimpleNamespace(active=lambda: ["sentiment"])
+    return SimpleNamespace(ingress=ingress, mixture=mixture, prompt_text="p", method="best_of_n"), handle
+
+
+def test_reward_calls_time_out_as_an_explicit_alignment_error():
+    from server import metrics, methods
+    from server.app import _as_api_error
+    from server.errors import AlignmentFailed
+    from server.handles import RewardTimeout
+
+    def failures() -> float:
+        v = metrics.REGISTRY.get_sample_value("alignserve_alignment_failures_total",
+                                              {"method": "best_of_n", "component": "reward"})
+        return v or 0.0
+
+    # The deadline itself: the call is cancelled on the replica; other methods pass through.
+    ctx, handle = _reward_ctx(delay=5, timeout_s=0.2)
+    t = time.perf_counter()
+    with pytest.raises(RewardTimeout):
+        asyncio.run(ctx.ingress.rewards.score.remote(["sentiment"], ["p"], ["t"]))
+    assert time.perf_counter() - t < 2 and handle.score.cancelled
+    assert ctx.ingress.rewards.inject_faults == "passthrough"
+    fast, _ = _reward_ctx(delay=0, timeout_s=5)
+    assert asyncio.run(fast.ingress.rewards.score.remote(["sentiment"], ["p"], ["t"])) == {"sentiment": [0.5]}
+
+    # Through methods._score (method none with a mixture, Transfer Q*'s final scores).
+    before = failures()
+    ctx, _ = _reward_ctx(delay=5, timeout_s=0.2)
+    with pytest.raises(AlignmentFailed) as e:
+        asyncio.run(methods._score(ctx, ["t"]))
+    assert e.value.code == "reward_timeout" and e.value.status_code == 502
+    assert e.value.body()["error"]["type"] == "alignment_error"
+    assert failures() == before + 1
+
+    # Through the best-of-N / Transfer Q* scorer: refined to reward_timeout by the ingress.
+    ctx, _ = _reward_ctx(delay=5, timeout_s=0.2)
+    with pytest.raises(AlignmentFailed) as e:
+        asyncio.run(methods._FailLoudScorer(ctx).score(["sentiment"], ["p"], ["t"]))
+    err = _as_api_error(e.value, "cmpl-x")
+    assert err.code == "reward_timeout" and err.status_code == 502
+    assert failures() == before + 2
+
+
+def test_reward_deployment_sleep_fault():
+    from server.reward_service import RewardDeployment
+
+    dep = object.__new__(RewardDeployment.func_or_class)
+    dep._fail_next, dep._fault_kind, dep._fault_sleep_s = 0, "fail", 0.0
+
+    async def score_item(item):
+        return 1.0
+
+    dep._score_item = score_item
+
+    async def main():
+        await dep.inject_faults(1, "sleep", 0.3)
+        t = time.perf_counter()
+        slow = await dep.score(["sentiment"], ["p"], ["r"])
+        slow_s = time.perf_counter() - t
+        t = time.perf_counter()
+        fast = await dep.score(["sentiment"], ["p"], ["r"])
+        return slow, slow_s, fast, time.perf_counter() - t
+
+    slow, slow_s, fast, fast_s = asyncio.run(main())
+    assert slow == fast == {"sentiment": [1.0]} and slow_s >= 0.3 and fast_s < 0.2
+    with pytest.raises(ValueError):
+        asyncio.run(dep.inject_faults(1, "explode"))
+
+
+def _fake_ingress(events=None, **limits):
+    """The ingress's request path on a stand-in `self`: no Ray, no engine, no tokenizer."""
+    import inspect
+    import types
+
+    from server.app import OpenAIIngress
+    from server.config import ServerConfig
+
+    cls = OpenAIIngress.func_or_class
+    aborted: list[str] = []
+    ns = SimpleNamespace(config=ServerConfig.model_validate({"limits": limits}), draining=False, model_name=MODEL,
+                         max_model_len=2048, cost_in_flight=0, _background=set(), api_keys=[], aborted=aborted)
+    for name in ("_serve", "_check_model", "_cost", "_cost_param", "_release", "_abort_soon", "_model_card",
+                 "model", "models", "_authorize", "_collect"):
+        attr = inspect.getattr_static(cls, name)
+        setattr(ns, name, attr.__func__ if isinstance(attr, staticmethod) else types.MethodType(attr, ns))
+
+    async def _abort(rid):
+        aborted.append(rid)
+
+    async def _mixture(req):
+        return None
+
+    ns._abort, ns._mixture = _abort, _mixture
+    ns._events = events or (lambda ctx: _forever())
+    return ns
+
+
+async def _forever():
+    from server.events import Delta
+
+    yield Delta(0, "x", [1], None)
+    await asyncio.sleep(3600)
+    yield Delta(0, "y", [2], None)
+
+
+def _request(method=None):
+    return SimpleNamespace(state=SimpleNamespace(), headers={})
+
+
+def _completion(**kw):
+    from server.protocol import CompletionRequest
+
+    return CompletionRequest.model_validate({"model": MODEL, "prompt": "hi", **kw})
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"alignment": {"method": "best_of_n", "n": 8, "weights": {"sentiment": 1}}}, "alignment.n"),
+    ({"alignment": {"method": "transfer_q", "top_k": 8, "weights": {"sentiment": 1}}}, "alignment.top_k"),
+    ({"alignment": {"method": "args", "weights": {"sentiment": 1}}, "n": 2, "temperature": 1}, "n"),
+    ({"n": 8, "temperature": 1}, "n"),
+])
+def test_a_request_costlier_than_the_whole_budget_is_a_400_naming_the_knob(kw, param):
+    from server.errors import BadRequest
+
+    ing = _fake_ingress(max_concurrent_cost=4)
+    with pytest.raises(BadRequest) as e:
+        asyncio.run(ing._serve(_completion(**kw), _request(), [1, 2], "hi", None, kind="text", param="prompt"))
+    assert e.value.status_code == 400 and e.value.code == "request_too_costly" and e.value.param == param
+    assert "Retry-After" not in e.value.headers and ing.cost_in_flight == 0
+
+
+def test_a_cancelled_non_streamed_request_aborts_its_engine_work():
+    """A client that goes away mid-request: Ray Serve cancels the task; the engine work is aborted
+    by id (cancelling our await does not reach the engine replica) and the budget comes back."""
+    ing = _fake_ingress()
+
+    async def main():
+        task = asyncio.ensure_future(ing._serve(_completion(), _request(), [1, 2], "hi", None, kind="text",
+                                                param="prompt"))
+        await asyncio.sleep(0.05)
+        assert ing.cost_in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert len(ing.aborted) == 1 and ing.aborted[0].startswith("cmpl-")
+    assert ing.cost_in_flight == 0 and not ing._background
+
+
+def test_refusals_are_counted_by_reason():
+    from fastapi.exceptions import RequestValidationError
+
+    from server import metrics
+    from server.app import _api_error, _validation_error
+    from server.errors import APIError, BadRequest, NotFound, Overloaded, ServerError
+
+    def rejected(method: str, reason: str) -> float:
+        v = metrics.REGISTRY.get_sample_value("alignserve_requests_rejected_total",
+                                              {"method": method, "reason": reason})
+        return v or 0.0
+
+    ing = _fake_ingress()
+
+    async def refuse(req, request) -> APIError:
+        try:
+            await ing._serve(req, request, [1], "hi", None, kind="text", param="prompt")
+        except APIError as e:
+            await _api_error(request, e)
+            return e
+        raise AssertionError("not refused")
+
+    before = {r: rejected("none", r) for r in ("invalid", "not_found", "draining")}
+    asyncio.run(refuse(_completion(max_tokens=10**6), _request()))
+    asyncio.run(refuse(_completion(model="gpt-4"), _request()))
+    ing.draining = True
+    e = asyncio.run(refuse(_completion(), _request()))
+    assert e.status_code == 503 and e.code == "shutting_down"
+    assert {r: rejected("none", r) - before[r] for r in before} == {"invalid": 1, "not_found": 1, "draining": 1}
+    # Bodies that do not parse: no method yet.
+    unknown = rejected("unknown", "invalid")
+    asyncio.run(_validation_error(_request(), RequestValidationError([{"loc": ("body", "n"), "msg": "bad",
+                                                                       "type": "int_type"}])))
+    assert rejected("unknown", "invalid") == unknown + 1
+    # Counted where raised (no double count): overload, auth.
+    overload = rejected("none", "overload")
+    asyncio.run(_api_error(_request(), Overloaded("full", code="overloaded")))
+    assert rejected("none", "overload") == overload
+    asyncio.run(_api_error(_request(), BadRequest("x", status_code=413)))
+    asyncio.run(_api_error(_request(), ServerError("boom")))
+    assert rejected("unknown", "invalid") == unknown + 1
+
+
+def test_time_to_first_token_is_observed_for_streamed_requests_only():
+    from server import metrics
+    from server.app import _Context, _record
+    from server.config import ServerConfig
+
+    def ttft_count() -> float:
+        return metrics.REGISTRY.get_sample_value("alignserve_time_to_first_token_seconds_count",
+                                                 {"method": "none"}) or 0.0
+
+    ingress = SimpleNamespace(config=ServerConfig())
+    before = ttft_count()
+    for stream in (False, True):
+        ctx = _Context(ingress, SimpleNamespace(method="none", stream=stream), "cmpl-t", "text", [1], "p", None, {},
+                       None)
+        t0 = time.perf_counter()
+        ctx.outcome.first_token_t = ctx.outcome.last_token_t = t0 + 0.01
+        ctx.outcome.completion_tokens = 1
+        _record(ctx, t0, 200)
+        assert ttft_count() == before + (1 if stream else 0), stream
+
+
+def test_500s_are_generic_and_only_deliberate_errors_are_400s():
+    from server.app import _as_api_error
+    from server.errors import BadRequest
+
+    for exc in (ValueError("/home/me/.cache/alignserve/model: bad shape"), RuntimeError("secret detail")):
+        err = _as_api_error(exc, "cmpl-abc")
+        assert err.status_code == 500 and err.type == "server_error" and err.code == "internal_error"
+        assert "cmpl-abc" in err.message and "secret" not in err.message and "/home" not in err.message
+    bad = BadRequest("n must be <= 8", param="n")
+    assert _as_api_error(bad) is bad
+    cause = SimpleNamespace(cause=BadRequest("x", param="y"))  # a Ray error wrapping ours
+    assert _as_api_error(cause).param == "y"
+
+
+def test_models_hide_the_local_path_and_can_be_retrieved_one_by_one():
+    from server.app import app
+    from server.errors import NotFound
+
+    ing = _fake_ingress()
+    listed = asyncio.run(ing.models(_request())).data
+    assert [(m.id, m.root) for m in listed] == [(MODEL, MODEL)]
+    card = asyncio.run(ing.model(MODEL, _request()))
+    assert card.id == MODEL and card.root == MODEL and card.object == "model"
+    with pytest.raises(NotFound) as e:
+        asyncio.run(ing.model("gpt-4", _request()))
+    assert e.value.param == "model" and e.value.code == "model_not_found"
+    assert "/v1/models/{model:path}" in [r.path for r in app.routes]
+
+
+@pytest.mark.parametrize("cls_name, body, param", [
+    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}], "stream_options": {}},
+     "stream_options"),
+    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}],
+                               "alignment": {"method": "vas", "weights": {"s": 1}, "rollout_tokens": 2}},
+     "alignment.rollout_tokens"),
+    ("CompletionRequest", {"prompt": "x", "echo": True}, "echo"),
+    ("CompletionRequest", {"prompt": "x", "suffix": "y"}, "suffix"),
+])
+def test_validation_400s_name_the_exact_parameter(cls_name, body, param):
+    """What the HTTP layer answers for each (the RequestValidationError handler of the app)."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    from server import protocol
+    from server.app import _validation_error
+
+    with pytest.raises(ValidationError) as e:
+        getattr(protocol, cls_name).model_validate({"model": MODEL, **body})
+    errors = [dict(err, loc=("body", *err["loc"])) for err in e.value.errors()]
+    r = asyncio.run(_validation_error(_request(), RequestValidationError(errors)))
+    assert r.status_code == 400
+    assert json.loads(r.body)["error"]["param"] == param
+
+
+@pytest.mark.parametrize("env, expect", [({}, None), ({"RAY_METRICS_EXPORT_PORT": "18080"}, 18080)])
+def test_make_serve_can_fix_rays_metrics_port(monkeypatch, env, expect):
+    import ray
+
+    from server import model_cache, serve as serve_cli
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_init(**kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.delenv("RAY_METRICS_EXPORT_PORT", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(model_cache, "resolve_model", lambda model: "/unused")
+    monkeypatch.setattr(ray, "init", fake_init)
+    with pytest.raises(Stop):
+        serve_cli.main(["--port", "1"])
+    assert seen.get("_metrics_export_port") == expect
+
+
+def test_console_script_points_at_a_real_main():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = scripts["alignserve"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+
+
 # ============================================================================ the default config
 
 def _chat(**kw) -> dict:
@@ -327,7 +744,12 @@ BAD_REQUESTS = [
     ("unknown method", "/v1/chat/completions", _chat(alignment={"method": "rlhf"}), 400, "alignment.method"),
     ("unknown alignment field", "/v1/chat/completions", _chat(alignment={"method": "none", "temperature": 1}), 400,
      "alignment.temperature"),
-    ("knob of another method", "/v1/chat/completions", _bon(rollout_tokens=4), 400, "alignment"),
+    ("knob of another method", "/v1/chat/completions", _bon(rollout_tokens=4), 400, "alignment.rollout_tokens"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs"),
+    ("stream_options without stream", "/v1/chat/completions", _chat(stream_options={"include_usage": True}), 400,
+     "stream_options"),
+    ("echo", "/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("suffix", "/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("unknown objective", "/v1/chat/completions", _chat(alignment={"method": "best_of_n", "weights": {"iq": 1}}),
      400, "alignment.weights.iq"),
     ("negative weight", "/v1/chat/completions", _chat(alignment={"method": "best_of_n", "weights": {"sentiment": -1}}),
@@ -480,6 +902,7 @@ HARDENED_CONFIG = {
         "max_tokens": 256, "default_max_tokens": 16, "max_n": 2, "max_best_of_n": 8, "max_top_k": 4,
         "max_rollout_tokens": 16, "max_block": 16, "max_request_bytes": 20_000,
         "max_concurrent_cost": BUDGET, "request_timeout_s": TIMEOUT_S, "drain_timeout_s": 20,
+        "reward_timeout_s": REWARD_TIMEOUT_S,
     },
     "metrics_require_auth": True,
     "enable_test_hooks": True,
@@ -585,11 +1008,11 @@ class TestHardenedServer:
     # ---------------------------------------------------------------- overload
 
     def test_cost_budget_counts_candidates_and_answers_429(self, hardened):
-        # More candidates than the whole budget: refused at once, never queued.
+        # More candidates than the whole budget: it can never fit, so a 400 naming the knob (no retry).
         t = time.time()
         r = _post(hardened, "/v1/chat/completions", _bon(n=8))
-        assert _error(r, 429, None, "rate_limit_error")["code"] == "overloaded"
-        assert r.headers["retry-after"] == "1" and time.time() - t < 5
+        assert _error(r, 400, "alignment.n", "invalid_request_error")["code"] == "request_too_costly"
+        assert "retry-after" not in r.headers and time.time() - t < 5
         # Hold one streaming request (cost 1) open: best-of-4 (cost 4) no longer fits, a plain one does.
         with httpx.Client(timeout=60) as c, c.stream("POST", hardened.url + "/v1/completions", headers=AUTH,
                                                      json=_counting(256, stream=True)) as held:
@@ -633,10 +1056,12 @@ class TestHardenedServer:
             t.join(180)
         assert all(r is not None for r in results), results
         statuses = [r[0] for r in results]
+        assert statuses[n] == 400  # best-of-8 > the whole budget: request_too_costly
+        assert json.loads(results[n][2])["error"]["code"] == "request_too_costly"
+        statuses = statuses[:n]
         assert set(statuses) <= {200, 429}, statuses
-        assert statuses[n] == 429  # best-of-8 > the whole budget
-        assert statuses.count(429) >= 2 and statuses.count(200) >= 1, statuses
-        for status, headers, text, stream in results:
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 1, statuses
+        for status, headers, text, stream in results[:n]:
             if status == 429:
                 assert headers.get("retry-after") == "1"
                 assert json.loads(text)["error"]["type"] == "rate_limit_error"
@@ -743,6 +1168,23 @@ class TestHardenedServer:
         assert r.status_code == 200, r.text
         assert r.json()["alignment"]["choices"][0]["rewards"]["sentiment"]["raw"] is not None
         assert _wait_idle(hardened)["cost_in_flight"] == 0
+
+    def test_reward_timeout_is_an_explicit_502(self, hardened):
+        """A reward model that hangs: cut after limits.reward_timeout_s, never an unscored answer."""
+        failures = "alignserve_alignment_failures_total"
+        before = _metric(_metrics(hardened), failures, method="best_of_n", component="reward")
+        r = httpx.post(hardened.url + "/admin/faults", params={"count": 1, "kind": "sleep", "sleep_s": 30},
+                       headers=AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+        t = time.time()
+        r = _post(hardened, "/v1/chat/completions", _bon(n=2, early_pruning=False))
+        elapsed = time.time() - t
+        assert _error(r, 502, None, "alignment_error")["code"] == "reward_timeout"
+        assert REWARD_TIMEOUT_S <= elapsed < TIMEOUT_S, elapsed
+        after = _metric(_metrics(hardened), failures, method="best_of_n", component="reward")
+        assert after == before + 1
+        assert _wait_idle(hardened)["cost_in_flight"] == 0
+        assert _post(hardened, "/v1/chat/completions", _bon(n=2)).status_code == 200
 
     @pytest.mark.skipif(os.environ.get("ALIGNSERVE_TEST_ENGINE_CRASH") != "1",
                         reason="slow (~100 s): set ALIGNSERVE_TEST_ENGINE_CRASH=1")

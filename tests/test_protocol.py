@@ -53,6 +53,7 @@ def test_logprobs_mapping():
     {"temperature": -1}, {"temperature": 3}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 0},
     {"top_logprobs": 3}, {"messages": []}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]},
     {"messages": [{"role": "wizard", "content": "x"}]}, {"stream_options": {"bogus": 1}},
+    {"stream_options": {"include_usage": True}}, {"stream": False, "stream_options": {"include_usage": True}},
 ])
 def test_invalid_fields_rejected(bad):
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -140,3 +141,51 @@ def test_error_body_is_openai_shaped():
     body = BadRequest("nope", param="x", code="c").body()
     assert body == {"error": {"message": "nope", "type": "invalid_request_error", "param": "x", "code": "c"}}
     assert math.isfinite(LIMITS.max_weight)
+
+
+# ----------------------------------------------------------------------------- exact parameters, field order
+
+def _locs(cls, body) -> list[str]:
+    with pytest.raises(ValidationError) as e:
+        cls.model_validate(body)
+    return [".".join(str(p) for p in err["loc"]) for err in e.value.errors()]
+
+
+@pytest.mark.parametrize("cls, extra, loc", [
+    (ChatCompletionRequest, {"top_logprobs": 2}, "top_logprobs"),
+    (ChatCompletionRequest, {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    (ChatCompletionRequest, {"stream_options": {"include_usage": True}}, "stream_options"),
+    (ChatCompletionRequest, {"alignment": {"method": "best_of_n", "weights": {"a": 1}, "rollout_tokens": 4}},
+     "alignment.rollout_tokens"),
+    (ChatCompletionRequest, {"alignment": {"method": "vas", "weights": {"a": 1}, "transform": "raw"}},
+     "alignment.transform"),
+    (ChatCompletionRequest, {"alignment": {"method": "args", "weights": {"a": 1}, "top_k": 2, "n": 3}},
+     "alignment.n"),
+    (CompletionRequest, {"echo": True}, "echo"),
+    (CompletionRequest, {"suffix": "tail"}, "suffix"),
+])
+def test_errors_name_the_exact_parameter(cls, extra, loc):
+    base = ({"model": "m", "messages": [{"role": "user", "content": "hi"}]} if cls is ChatCompletionRequest
+            else {"model": "m", "prompt": "hi"})
+    assert _locs(cls, {**base, **extra}) == [loc]
+
+
+def test_valid_combinations_still_pass():
+    chat(logprobs=True, top_logprobs=2)
+    chat(stream=True, stream_options={"include_usage": True})
+    chat(stream_options=None)
+    chat(alignment={"method": "best_of_n", "weights": {"a": 1}, "n": 2, "rollout_tokens": None})
+    CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": False, "suffix": None})
+
+
+def test_an_invalid_method_is_the_error_not_its_knobs():
+    assert _locs(AlignmentParams, {"method": "beam", "top_k": 3}) == ["method"]
+
+
+def test_json_schema_lists_fields_in_openai_order():
+    chat_props = list(ChatCompletionRequest.model_json_schema()["properties"])
+    assert chat_props[:2] == ["messages", "model"] and chat_props[-1] == "alignment"
+    assert chat_props[2:-1] == sorted(chat_props[2:-1])
+    text_props = list(CompletionRequest.model_json_schema()["properties"])
+    assert text_props[:2] == ["model", "prompt"] and text_props[-1] == "alignment"
+    assert text_props[2:-1] == sorted(text_props[2:-1])
