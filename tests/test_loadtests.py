@@ -10,12 +10,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from loadtests import check_target, is_loopback_url
-from loadtests.eval import build_configs, pareto_front, parse_methods, parse_weights
+from loadtests.eval import build_configs, build_parser, main as eval_main, pareto_front, parse_methods, parse_weights
 from loadtests.runner import build_alignment, main as runner_main, percentile, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +81,80 @@ def test_pareto_front():
     assert pareto_front(pts) == [0, 1, 3, 4]
 
 
-def test_locust_refuses_non_loopback_host(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "ALIGNSERVE_LOCUST_ALLOW_REMOTE"}
-    proc = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless",
-                           "-u", "1", "-r", "1", "-t", "3s", "--host", "http://example.com:8000"],
+@pytest.mark.parametrize("args,why", [
+    (["--headless", "-u", "1", "-r", "1", "-t", "3s", "--host", "http://example.com:8000"], "non-loopback"),
+    (["--headless", "-u", "1", "-r", "1", "--host", "http://127.0.0.1:9"], "run time"),
+    (["-u", "1", "-r", "1", "-t", "3s", "--host", "http://127.0.0.1:9"], "--headless"),
+], ids=["remote-host", "no-run-time", "web-ui"])
+def test_locust_refuses_unbounded_or_remote(args, why):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ALIGNSERVE_LOCUST_ALLOW_REMOTE", "ALIGNSERVE_LOCUST_ALLOW_UNBOUNDED")}
+    proc = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "refusing" in proc.stderr
+    assert "refusing" in proc.stderr and why in proc.stderr, proc.stderr[-2000:]
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """A minimal streaming chat server for the runner's own parsing: the prompt "truncate" gets a
+    stream that stops without `data: [DONE]`; any other prompt a complete one (3 tokens)."""
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(200, json.dumps({"data": [{"id": "fake-model"}]}).encode(), "application/json")
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = req["messages"][0]["content"]
+        events = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("a", " b", " c")]
+        events.append({"choices": [], "usage": {"completion_tokens": 3}})
+        lines = [f"data: {json.dumps(e)}\n\n" for e in events]
+        if prompt != "truncate":
+            lines.append("data: [DONE]\n\n")
+        self._send(200, "".join(lines).encode(), "text/event-stream")  # HTTP/1.0: the close ends the stream
+
+
+def test_runner_counts_truncated_streams_as_errors(tmp_path, capsys):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("complete\ntruncate\n")
+        out = tmp_path / "summary.json"
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        rc = runner_main(["--url", url, "--concurrency", "2", "--requests", "4", "--max-tokens", "8",
+                          "--prompts", str(prompts), "--json", str(out)])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert rc == 1  # any failed request fails the run
+    s = json.loads(out.read_text())
+    assert s["requests"] == 4 and s["ok"] == 2, s
+    assert s["errors"] == {"truncated": 2} and s["error_count"] == 2
+    assert "[DONE]" in s["error_samples"]["truncated"]
+    assert s["output_tokens"] == 6 and s["model"] == "fake-model"
+    table = capsys.readouterr().out
+    assert "4 (2 ok)" in table and "truncated: 2" in table
+
+
+def test_eval_seed_and_prompt_file_arguments(tmp_path, capsys):
+    assert build_parser().parse_args([]).seed == 0
+    assert build_parser().parse_args(["--seed", "none"]).seed is None
+    assert build_parser().parse_args(["--seed", "7"]).seed == 7
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--seed", "seven"])
+    # A missing prompt file is a usage error before any request (port 9: nothing listens there).
+    assert eval_main(["--url", "http://127.0.0.1:9", "--prompts", str(tmp_path / "missing.txt"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- integration

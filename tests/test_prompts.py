@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from decoders.prompts import PROMPT_SETS, load_prompts
@@ -48,3 +50,40 @@ def test_chat_mix_composition():
 def test_unknown_name_lists_known_sets():
     with pytest.raises(ValueError, match="chat_mix"):
         load_prompts("imdb")
+
+
+def test_plain_text_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("  First prompt.\n\nSecond prompt?\r\nThird: {not json}\n\n")
+    assert load_prompts(str(f)) == ["First prompt.", "Second prompt?", "Third: {not json}"]
+    assert load_prompts(str(f), limit=2, seed=5) == ["First prompt.", "Second prompt?"]  # file order, a prefix
+    assert load_prompts(str(f), seed=1) == load_prompts(str(f), seed=2)
+
+
+def test_jsonl_file(tmp_path):
+    rows = [{"prompt": "Say hi.", "id": 1}, {"prompt": "Line one\nline two", "tags": ["x"]}]
+    for name in ("p.jsonl", "p.txt"):  # by suffix, or by a first line that is a JSON object
+        f = tmp_path / name
+        f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+        assert load_prompts(str(f)) == ["Say hi.", "Line one\nline two"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*\"prompt\""):
+        load_prompts(str(bad))
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not JSON"):
+        load_prompts(str(bad))
+
+
+def test_file_errors_and_set_names_win(tmp_path, monkeypatch):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match="empty"):
+        load_prompts(str(empty))
+    with pytest.raises(ValueError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    # A packaged name is the packaged set even if a file of that name is in the working directory.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "everyday").write_text("from a file\n")
+    assert load_prompts("everyday") != ["from a file"]
+    assert load_prompts("./everyday") == ["from a file"]
