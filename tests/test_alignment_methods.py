@@ -128,3 +128,16 @@ def test_transfer_q_streams_blocks_and_args_mode(client, model_name):
     r = ask(client, model_name, PROMPTS[3], {"method": "args", "weights": {"sentiment": 1}, "top_k": 3, "block": 8}, seed=4)
     receipt = r.model_extra["alignment"]
     assert receipt["method"] == "args" and receipt["cost"]["rollouts"] == 0 and receipt["cost"]["rollout_tokens"] == 0
+
+
+def test_metrics_show_latency_and_reward_per_method(server, client, model_name):
+    for a in ({"method": "best_of_n", "n": 2, "weights": {"sentiment": 1}},
+              {"method": "args", "weights": {"sentiment": 1}, "top_k": 2, "block": 8}):
+        ask(client, model_name, PROMPTS[0], a, max_tokens=8, seed=1)
+    text = server.metrics()
+    for method in ("best_of_n", "args"):
+        assert f'alignserve_request_latency_seconds_count{{method="{method}"}}' in text
+        assert f'alignserve_reward_count{{method="{method}",objective="sentiment"}}' in text
+        assert f'alignserve_mixed_reward_count{{method="{method}"}}' in text
+    assert 'alignserve_candidates_total{method="best_of_n"}' in text
+    assert 'alignserve_reward_gain_count{method="best_of_n",objective="sentiment"}' in text
