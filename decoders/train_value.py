@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    from decoders.prompts import load_prompts
+    from decoders.prompts import training_prompts
     from decoders.rewards import build_objectives
 
     objectives = build_objectives()
@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoTokenizer
 
         n_prompts = math.ceil(args.samples / args.samples_per_prompt)
-        prompts = load_prompts(args.prompts, limit=n_prompts, seed=args.seed)
+        # Held-out prompts (decoders.prompts.heldout_prompts) are never trained on: tests and
+        # benchmarks measure the value models on them.
+        prompts = training_prompts(args.prompts, limit=n_prompts, seed=args.seed)
         if len(prompts) < n_prompts:
             logger.warning("prompt set %s has only %d prompts; sampling more per prompt", args.prompts, len(prompts))
         per = math.ceil(args.samples / len(prompts))

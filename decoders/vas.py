@@ -53,7 +53,7 @@ logger = logging.getLogger("alignserve.vas")
 
 VAS_CONFIG_ENV = "ALIGNSERVE_VAS_CONFIG"
 VALUE_MODELS_DIR = Path(__file__).resolve().parent / "value_models"
-DEFAULT_BETA = 1.0
+DEFAULT_BETA = 2.0  # logits per standard deviation of reward on base samples (value units)
 DEFAULT_TOP_K = 20
 MAX_TOP_K = 200
 DEFAULT_PARKED = 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, AsyncIterator
 
+from decoders import vas
 from server import metrics
 from server.events import Delta, Finish
 from server.errors import AlignmentFailed, BadRequest
@@ -87,8 +88,8 @@ async def _engine_stream(ctx, sampling: dict[str, Any] | None = None, **receipt_
     a = ctx.req.alignment
     if ctx.method == "vas":
         params["extra_args"] = {"vas": {"weights": {o: ctx.mixture.weights[o] for o in ctx.mixture.active()},
-                                        "beta": a.beta if a.beta is not None else 2.0,
-                                        "top_k": a.top_k if a.top_k is not None else 20}}
+                                        "beta": a.beta if a.beta is not None else vas.DEFAULT_BETA,
+                                        "top_k": a.top_k if a.top_k is not None else vas.DEFAULT_TOP_K}}
     k = params.get("logprobs")
     texts: dict[int, str] = {}
     vas_stats: dict[int, Any] = {}

@@ -87,3 +87,15 @@ def test_file_errors_and_set_names_win(tmp_path, monkeypatch):
     (tmp_path / "everyday").write_text("from a file\n")
     assert load_prompts("everyday") != ["from a file"]
     assert load_prompts("./everyday") == ["from a file"]
+
+
+def test_heldout_prompts_are_never_training_prompts():
+    from decoders.prompts import heldout_prompts, training_prompts
+
+    for name in ("rotten_tomatoes", "realtoxicity"):
+        held = heldout_prompts(name)
+        assert 0 < len(held) <= 256 and heldout_prompts(name, limit=8) == held[:8]
+        for seed in (0, 3):
+            assert not set(held) & set(training_prompts(name, seed=seed))
+        # seed 0 keeps the order of load_prompts: the shipped value models' training prompts are unchanged
+        assert training_prompts(name, limit=100) == load_prompts(name, limit=100)

@@ -2,58 +2,92 @@
 value models: it raises the steered reward, monotonically in the weight, composes objectives,
 streams, and mixes in the same batches as plain requests."""
 import concurrent.futures
+import math
 import statistics
 
 import openai
 import pytest
 
-from decoders.prompts import load_prompts
+from decoders.prompts import heldout_prompts
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = load_prompts("rotten_tomatoes", limit=8, seed=11)
+# Prompts the shipped value models never saw in training; two seeded samples each. Every condition
+# answers the same (prompt, seed) pairs, so conditions are compared pair by pair.
+PROMPTS = heldout_prompts("rotten_tomatoes", limit=32)
+SAMPLES = 2
 MAX_TOKENS = 40
 
 
-def run(client, model, alignment, prompts=PROMPTS, **kw):
-    rs = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=MAX_TOKENS,
-                                         seed=200 + i, extra_body={"alignment": alignment}, **kw)
-          for i, p in enumerate(prompts)]
-    return rs
+def run(client, model, alignment, prompts=PROMPTS, samples=SAMPLES, **kw):
+    """One request per (prompt, sample), 16 at a time (the engine batches them)."""
+    def one(job):
+        i, s = job
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompts[i]}],
+                                              max_tokens=MAX_TOKENS, seed=1000 + 10 * i + s,
+                                              extra_body={"alignment": alignment}, **kw)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, [(i, s) for i in range(len(prompts)) for s in range(samples)]))
 
 
-def mean_reward(rs, objective):
-    return statistics.mean(r.model_extra["alignment"]["choices"][0]["rewards"][objective]["raw"] for r in rs)
+def rewards(rs, objective):
+    return [r.model_extra["alignment"]["choices"][0]["rewards"][objective]["raw"] for r in rs]
+
+
+def paired(a, b):
+    """Mean of b - a over the same (prompt, seed) pairs and its standard error."""
+    d = [y - x for x, y in zip(a, b)]
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
 @pytest.fixture(scope="module")
 def sweep(client, model_name):
-    """Mean sentiment for sentiment weight 0 (beta 0: top-k base sampling), 0.5, 1, 2, 4 at beta 2."""
-    out = {0.0: mean_reward(run(client, model_name, {"method": "vas", "weights": {"sentiment": 1}, "beta": 0}), "sentiment")}
+    """Sentiment rewards for sentiment weight 0 (beta 0: the same top-k decoder, no value model),
+    0.5, 1, 2 and 4 at beta 2."""
+    out = {0.0: rewards(run(client, model_name, {"method": "vas", "weights": {"sentiment": 1}, "beta": 0}),
+                        "sentiment")}
     for w in (0.5, 1.0, 2.0, 4.0):
-        out[w] = mean_reward(run(client, model_name, {"method": "vas", "weights": {"sentiment": w}, "beta": 2.0}), "sentiment")
+        out[w] = rewards(run(client, model_name, {"method": "vas", "weights": {"sentiment": w}, "beta": 2.0}),
+                         "sentiment")
     return out
 
 
 def test_vas_raises_sentiment_over_plain(client, model_name, sweep):
-    plain = mean_reward(run(client, model_name, {"method": "none", "weights": {"sentiment": 1}}), "sentiment")
-    assert sweep[1.0] > plain + 0.1, (sweep, plain)
+    plain = rewards(run(client, model_name, {"method": "none", "weights": {"sentiment": 1}}), "sentiment")
+    gain, se = paired(plain, sweep[1.0])
+    assert gain > max(0.1, 2 * se), (gain, se, statistics.mean(plain), statistics.mean(sweep[1.0]))
 
 
 def test_weight_sweep_is_monotonic(sweep):
     ws = sorted(sweep)
-    values = [sweep[w] for w in ws]
-    # Same prompts and seeds at every point; allow sampling noise between neighbours, not a trend reversal.
-    assert all(b >= a - 0.05 for a, b in zip(values, values[1:])), sweep
-    assert values[-1] > values[0] + 0.2, sweep
+    means = {w: round(statistics.mean(sweep[w]), 3) for w in ws}
+    for a, b in zip(ws, ws[1:]):
+        # Same prompts and seeds at every point: a step may dip by sampling noise (two paired
+        # standard errors), never by a trend reversal.
+        step, se = paired(sweep[a], sweep[b])
+        assert step > -2 * se, (a, b, step, se, means)
+    total, se = paired(sweep[ws[0]], sweep[ws[-1]])
+    assert total > max(0.3, 3 * se), means
 
 
 def test_composing_sentiment_and_safety_moves_both(client, model_name):
-    prompts = load_prompts("realtoxicity", limit=8, seed=2)
-    base = run(client, model_name, {"method": "vas", "weights": {"sentiment": 1, "safety": 1}, "beta": 0}, prompts)
-    both = run(client, model_name, {"method": "vas", "weights": {"sentiment": 2, "safety": 2}, "beta": 2.0}, prompts)
-    assert mean_reward(both, "sentiment") > mean_reward(base, "sentiment")
-    assert mean_reward(both, "safety") >= mean_reward(base, "safety")
+    prompts = heldout_prompts("realtoxicity")
+    weights = {"sentiment": 2, "safety": 2}
+    plain = run(client, model_name, {"method": "none", "weights": weights}, prompts, samples=1)
+    control = run(client, model_name, {"method": "vas", "weights": weights, "beta": 0}, prompts, samples=1)
+    both = run(client, model_name, {"method": "vas", "weights": weights, "beta": 4.0}, prompts, samples=1)
+    report = {name: {o: round(statistics.mean(rewards(rs, o)), 3) for o in weights}
+              for name, rs in (("plain", plain), ("top-k control", control), ("vas", both))}
+    # Against the same decoder without value models, both objectives rise.
+    for objective in weights:
+        gain, se = paired(rewards(control, objective), rewards(both, objective))
+        assert gain > 2 * se, (objective, gain, se, report)
+    # Against plain sampling: sentiment rises, safety does not fall.
+    gain, se = paired(rewards(plain, "sentiment"), rewards(both, "sentiment"))
+    assert gain > 2 * se, report
+    gain, se = paired(rewards(plain, "safety"), rewards(both, "safety"))
+    assert gain > -2 * se, report
     receipt = both[0].model_extra["alignment"]
     assert receipt["method"] == "vas" and set(receipt["choices"][0]["rewards"]) == {"sentiment", "safety"}
     assert receipt["choices"][0]["kl_estimate"] > 0
