@@ -1,12 +1,14 @@
 """Reward against cost for every method, one run, same prompts and seeds.
 
-    python -m loadtests.bench_alignment [--url http://127.0.0.1:8000] [--prompts 8] [--max-tokens 48]
+    python -m loadtests.bench_alignment [--url http://127.0.0.1:8000] [--prompts 12] [--max-tokens 48]
 
 Without --url it starts the app itself (``python -m server.serve``) and stops it afterwards.
-Requests run one at a time so latencies compare. Prints two tables:
-  1. best-of-N for N in 1, 4, 8, 16, plain and with early pruning (issue: reward mixing);
-  2. none, VAS (beta sweep), best-of-N, ARGS and Transfer Q* (block 1 and the default block),
-     with latency as a multiple of plain sampling and the tokens each spent.
+Prompts are held-out Rotten Tomatoes review requests (decoders.prompts.heldout_prompts: never used
+to train the value models). Requests run one at a time so latencies compare. Prints two tables:
+  1. best-of-N for N in 1, 4, 8, 16, plain and with early pruning, over a mixture of the four
+     default objectives (mean mixed and per-objective rewards);
+  2. none, VAS (beta sweep), best-of-N, ARGS and Transfer Q* (block 1 and the default block) with
+     weights {"sentiment": 1}, latency as a multiple of plain sampling and the tokens each spent.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from pathlib import Path
 
 import httpx
 
-from decoders.prompts import load_prompts
+from decoders.prompts import heldout_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = {"sentiment": 1.0}
+MIXTURE = {"sentiment": 1.0, "safety": 1.0, "relevance": 1.0, "brevity": 0.5}
 
 
 def ask(client: httpx.Client, url: str, model: str, prompt: str, alignment: dict, max_tokens: int, seed: int) -> dict:
@@ -58,8 +61,9 @@ def run(client, url, model, prompts, alignment, max_tokens) -> dict:
         return statistics.mean(r[key] for r in rows)
 
     out = {k: mean(k) for k in ("latency", "mixed", "tokens", "base_tokens", "rollout_tokens", "candidates")}
-    out["sentiment"] = statistics.mean(r["rewards"]["sentiment"] for r in rows)
-    out["sentiment_sd"] = statistics.pstdev(r["rewards"]["sentiment"] for r in rows)
+    for o in rows[0]["rewards"]:
+        out[o] = statistics.mean(r["rewards"][o] for r in rows)
+        out[f"{o}_sd"] = statistics.pstdev(r["rewards"][o] for r in rows)
     steps = sum(r["value_model_steps"] for r in rows)
     out["vm_ms_per_token"] = 1000 * sum(r["value_model_s"] for r in rows) / steps if steps else None
     kls = [r["kl"] for r in rows if r["kl"] is not None]
@@ -80,11 +84,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url")
     ap.add_argument("--port", type=int, default=8198)
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--skip", default="", help="comma-separated table names to skip: bon,methods")
     args = ap.parse_args(argv)
-    prompts = load_prompts("rotten_tomatoes", limit=args.prompts, seed=3)
+    prompts = heldout_prompts("rotten_tomatoes", limit=args.prompts)
     proc = None
     url = args.url
     if url is None:
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
             model = client.get(f"{url}/v1/models").json()["data"][0]["id"]
             ask(client, url, model, "warm up", {"method": "none", "weights": WEIGHTS}, 8, 1)
             none = run(client, url, model, prompts, {"method": "none", "weights": WEIGHTS}, args.max_tokens)
-            print(f"{len(prompts)} rotten_tomatoes prompts, {args.max_tokens} tokens, weights {WEIGHTS}, "
+            print(f"{len(prompts)} held-out rotten_tomatoes prompts, {args.max_tokens} tokens, temperature 1, "
                   f"sequential requests; plain sampling: {none['latency']:.2f}s mean latency\n", flush=True)
             if "bon" not in args.skip:
                 table_best_of_n(client, url, model, prompts, args.max_tokens)
@@ -108,24 +112,33 @@ def main(argv=None) -> int:
 
 
 def table_best_of_n(client, url, model, prompts, max_tokens) -> None:
-    print("| N | mode | mean mixed | mean sentiment | latency s | base tokens | candidates scored |")
-    print("|---|---|---|---|---|---|---|")
+    names = list(MIXTURE)
+    print(f"Best-of-N, weights {MIXTURE}, transform raw:\n")
+    print("| N | mode | mean mixed | " + " | ".join(names) + " | latency s | base tokens | candidates scored |")
+    print("|---|---|---|" + "---|" * len(names) + "---|---|---|")
     for n in (1, 4, 8, 16):
         for mode, extra in (("plain", {}), ("early pruning", {"early_pruning": True, "chunk_tokens": 8})):
-            r = run(client, url, model, prompts, {"method": "best_of_n", "n": n, "weights": WEIGHTS, **extra}, max_tokens)
-            print(f"| {n} | {mode} | {r['mixed']:.3f} | {r['sentiment']:.3f} | {r['latency']:.2f} | "
+            if n == 1 and extra:
+                continue  # nothing to prune
+            r = run(client, url, model, prompts, {"method": "best_of_n", "n": n, "weights": MIXTURE, **extra}, max_tokens)
+            if "error" in r:
+                print(f"| {n} | {mode} | skipped: {r['error']} |", flush=True)
+                continue
+            per = " | ".join(f"{r[o]:.3f}" for o in names)
+            print(f"| {n} | {mode} | {r['mixed']:.3f} | {per} | {r['latency']:.2f} | "
                   f"{r['base_tokens']:.0f} | {r['candidates']:.0f} |", flush=True)
     print()
 
 
 def table_methods(client, url, model, prompts, max_tokens, none) -> None:
     configs = [("none", {"method": "none"})]
-    configs += [(f"vas beta={b}", {"method": "vas", "beta": b}) for b in (1.0, 2.0, 4.0, 8.0)]
+    configs += [(f"vas beta={b:g}", {"method": "vas", "beta": b}) for b in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)]
     configs += [(f"best_of_n N={n}", {"method": "best_of_n", "n": n}) for n in (4, 8, 16)]
     configs += [("args k=4 block=1", {"method": "args", "top_k": 4, "block": 1}),
                 ("transfer_q k=4 block=1 rollout=16", {"method": "transfer_q", "top_k": 4, "block": 1, "rollout_tokens": 16}),
                 ("args k=4 block=16", {"method": "args", "top_k": 4, "block": 16}),
                 ("transfer_q defaults (k=4 block=16 rollout=16)", {"method": "transfer_q"})]
+    print(f"All methods, weights {WEIGHTS}:\n")
     print("| method | mean sentiment (sd) | latency s | x plain | base tokens | rollout tokens | "
           "value-model ms/token | KL est. |")
     print("|---|---|---|---|---|---|---|---|")

@@ -27,6 +27,7 @@ OPERATIONS = [
     ("GET", "/health"),
     ("GET", "/metrics"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
     ("GET", "/v1/alignment/objectives"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),

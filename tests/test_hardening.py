@@ -1106,11 +1106,11 @@ class TestHardenedServer:
         assert _metric(m, "alignserve_requests_in_flight") == 0
 
     def test_timeout_non_streaming(self, hardened):
-        """Transfer Q* over 256 tokens (32 blocks, each with 4 candidates and 4 rollouts) takes far
-        longer than the 15 s limit: 504, and its decoder loop and engine calls stop."""
+        """Token-level Transfer Q* (each token: 4 candidates, 4 rollouts of 16 tokens, scoring) takes far
+        longer than the 15 s limit even if it ends early: 504, and its decoder loop and engine calls stop."""
         before = _metric(_metrics(hardened), "alignserve_requests_total", method="transfer_q", status="504")
         t = time.time()
-        r = _post(hardened, "/v1/completions", _counting(256, alignment=dict(_TQ_SLOW, block=8)))
+        r = _post(hardened, "/v1/completions", _counting(256, alignment=dict(_TQ_SLOW, block=1)))
         elapsed = time.time() - t
         assert _error(r, 504, None, "timeout_error")["code"] == "timeout"
         assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S + 5, elapsed
