@@ -177,10 +177,14 @@ class _Stats:
     steps: int = 0
     value_model_s: float = 0.0
     active: int = 0  # rows of the batch that currently use this record
+    error: str | None = None  # set once a value model failed on this request: it is no longer steered
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kl": float(self.kl), "steps": int(self.steps), "value_model_s": float(self.value_model_s),
-                "objectives": list(self.objectives)}
+        d = {"kl": float(self.kl), "steps": int(self.steps), "value_model_s": float(self.value_model_s),
+             "objectives": list(self.objectives)}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
 
 
 @dataclass
@@ -317,9 +321,22 @@ class VASLogitsProcessor(LogitsProcessor):
         if not self._rows:
             return logits
         B = logits.shape[0]
-        idxs = sorted(i for i in self._rows if i < B)
+        idxs = sorted(i for i in self._rows if i < B and self._rows[i].stats.error is None)
         if not idxs:
             return logits
+        try:
+            return self._steer(logits, idxs)
+        except Exception as exc:  # noqa: BLE001 - a value-model fault must not kill the engine
+            # The rows keep the base logits from here on and their receipts carry the error, so
+            # the server answers with an explicit error instead of an answer presented as aligned.
+            logger.exception("VAS: value models failed on a step of %d request(s)", len(idxs))
+            message = f"{type(exc).__name__}: {exc}"[:300]
+            for i in idxs:
+                self._rows[i].stats.error = message
+            self._write_receipts([self._rows[i] for i in idxs])
+            return logits
+
+    def _steer(self, logits: torch.Tensor, idxs: list[int]) -> torch.Tensor:
         t_start = time.perf_counter()
         rows = [self._rows[i] for i in idxs]
         R = len(rows)
@@ -413,12 +430,19 @@ class VASLogitsProcessor(LogitsProcessor):
             logits.index_copy_(0, idx_t, new_rows.to(logits.dtype))
 
         # 5. receipts
-        seen: set[int] = set()
         for r, row in enumerate(rows):
             st = row.stats
             st.kl += kl[r]
             st.steps += 1
             st.value_model_s += vm_time[r]
+        self._write_receipts(rows)
+        self.last_step_s = time.perf_counter() - t_start
+        return logits
+
+    def _write_receipts(self, rows: list[_Row]) -> None:
+        seen: set[int] = set()
+        for row in rows:
+            st = row.stats
             rid = row.params.request_id
             if rid is not None and self.stats_dir is not None and id(st) not in seen:
                 seen.add(id(st))
@@ -426,8 +450,6 @@ class VASLogitsProcessor(LogitsProcessor):
                     _atomic_write_json(self.stats_dir / f"{_safe_name(rid)}.json", st.as_dict())
                 except OSError as exc:  # a receipt must never break decoding
                     logger.warning("VAS: cannot write stats for %s: %s", rid, exc)
-        self.last_step_s = time.perf_counter() - t_start
-        return logits
 
     # -- state bookkeeping -------------------------------------------------------------------------
 
@@ -443,6 +465,7 @@ class VASLogitsProcessor(LogitsProcessor):
                     old = json.loads((self.stats_dir / f"{_safe_name(rid)}.json").read_text())
                     stats.kl, stats.steps = float(old["kl"]), int(old["steps"])
                     stats.value_model_s = float(old["value_model_s"])
+                    stats.error = old.get("error")
                 except (OSError, ValueError, KeyError, TypeError):
                     pass
             if rid is not None:

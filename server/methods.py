@@ -114,6 +114,11 @@ async def _engine_stream(ctx, sampling: dict[str, Any] | None = None, **receipt_
             metrics.ALIGNMENT_FAILURES.labels("vas", "value_model").inc()
             raise AlignmentFailed("value models did not report for this request; the answer may be unaligned",
                                   code="value_model_failed")
+        failed = sorted({s["error"] for s in vas_stats.values() if s.get("error")})
+        if failed:
+            metrics.ALIGNMENT_FAILURES.labels("vas", "value_model").inc()
+            raise AlignmentFailed(f"a value model failed while decoding this request, so the answer is not "
+                                  f"aligned: {failed[0]}", code="value_model_failed")
         value_s = sum(s.get("value_model_s", 0.0) for s in vas_stats.values())
         steps = sum(s.get("steps", 0) for s in vas_stats.values())
         receipt["cost"] = {"base_tokens": ctx.outcome.completion_tokens, "value_model_steps": steps, "candidates": 0}

@@ -289,6 +289,32 @@ def test_stats_file_and_kl_by_hand(fakes, tmp_path):
     assert trunk.calls[-1] == [[2]]  # parked cache reused: only the token it had not seen
 
 
+def test_value_model_fault_is_reported_not_fatal(fakes, tmp_path):
+    """A value model that raises: the engine step survives, the affected rows keep the base logits
+    and stop being steered, their receipts carry the error; other requests are steered as usual."""
+    trunk, vms = fakes
+
+    class Broken(FakeValueModel):
+        def values(self, h, cands):
+            raise RuntimeError("head exploded")
+
+    vms["safety"] = Broken(trunk, v_safety)
+    proc = VASLogitsProcessor(None, "cpu", False, value_models=vms, stats_dir=tmp_path)
+    proc.update_state(upd(1, added=[(0, params("bad", weights={"safety": 1.0}), [1, 2], [])]))
+    logits = rand_logits(1)
+    torch.testing.assert_close(proc.apply(logits.clone()), logits, rtol=0, atol=0)
+    assert "head exploded" in json.loads((tmp_path / "bad.json").read_text())["error"]
+    calls = len(trunk.calls)
+    torch.testing.assert_close(proc.apply(logits.clone()), logits, rtol=0, atol=0)
+    assert len(trunk.calls) == calls  # a failed request is not steered any more
+    proc.update_state(upd(2, added=[(1, params("good", weights={"sentiment": 1.0}), [2, 7], [])]))
+    logits = rand_logits(2, seed=1)
+    got = proc.apply(logits.clone())
+    torch.testing.assert_close(got[0], logits[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected_row(logits[1], [2, 7], {"sentiment": 1.0}, 2.0, 3), rtol=0, atol=1e-5)
+    assert "error" not in json.loads((tmp_path / "good.json").read_text())
+
+
 def test_zero_beta_is_topk_only_and_zero_kl_when_k_covers(fakes, tmp_path):
     trunk, vms = fakes
     proc = VASLogitsProcessor(None, "cpu", False, value_models=vms, stats_dir=tmp_path)
