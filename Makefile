@@ -9,7 +9,7 @@ PORT   ?= 8000
 EXTRA  ?= cpu
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install serve test test-unit bench bench-alignment loadtest eval train-values clean
+.PHONY: install serve test test-unit bench bench-alignment bench-vas loadtest eval train-values clean
 
 install: $(STAMP)
 
@@ -34,14 +34,26 @@ bench: install
 bench-alignment: install
 	$(PY) -m loadtests.bench_alignment
 
+bench-vas: install
+	$(PY) -m loadtests.bench_vas
+
+# Retrain the shipped VAS value models from the frozen base model's samples (docs/vas.md):
+# about 8 and 12 minutes on 2 CPU cores. VALUE_MODELS_OUT=dir writes elsewhere.
+VALUE_MODELS_OUT ?= decoders/value_models
+train-values: install
+	$(PY) -m decoders.train_value --objective sentiment --prompts rotten_tomatoes --samples 4096 \
+		--max-tokens 48 --out $(VALUE_MODELS_OUT)/sentiment
+	$(PY) -m decoders.train_value --objective safety --prompts realtoxicity --samples 4480 \
+		--samples-per-prompt 8 --max-tokens 48 --out $(VALUE_MODELS_OUT)/safety
+
 loadtest: install
 	$(PY) -m loadtests.runner --url http://$(HOST):$(PORT) --concurrency 16 --requests 64 $(LOADTEST_ARGS)
 
 # The alignment evaluation and locust (docs/evaluation.md); both target a running `make serve` at HOST:PORT.
 EVAL_OUT  ?= out/eval
 EVAL_ARGS ?= --prompts chat_mix --limit 16 --max-tokens 48 --weights sentiment=1 \
-	--methods 'none,best_of_n:n=1|2|4|8|16,transfer_q:block=8,args:block=8,vas:beta=0|1|2|4' \
-	--pareto sentiment,brevity --pareto-methods 'best_of_n:n=8,vas:beta=2'
+	--methods 'none,best_of_n:n=1|2|4|8|16,transfer_q:block=8,args:block=8,vas:beta=0|2|4|8|16' \
+	--pareto sentiment,brevity --pareto-methods 'best_of_n:n=8'
 eval: install
 	$(PY) -m loadtests.eval --url http://$(HOST):$(PORT) --out $(EVAL_OUT) $(EVAL_ARGS)
 

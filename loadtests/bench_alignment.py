@@ -16,6 +16,7 @@ import argparse
 import signal
 import statistics
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def start_server(port: int) -> tuple[subprocess.Popen, str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
         if line.startswith("READY"):
+            # Keep reading its output: a full pipe would block the server's logging.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, f"http://127.0.0.1:{port}"
     raise RuntimeError("server exited before it was ready")
 

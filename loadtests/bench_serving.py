@@ -15,6 +15,7 @@ import asyncio
 import os
 import statistics
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,8 @@ def start_server(port: int) -> tuple[subprocess.Popen, float]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
         if line.startswith("READY"):
+            # Keep reading its output: a full pipe would block the server's logging.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, time.perf_counter() - t0
     raise RuntimeError("server exited before it was ready")
 
