@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import metrics
 from server.config import LimitsConfig, ServerConfig
 from server.events import Delta, Finish, Outcome
-from server.errors import AlignmentFailed, APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, Unauthorized
-from server.handles import RewardTimeout, TimedRewards
+from server.errors import APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, Unauthorized
+from server.handles import TimedRewards
 from server.protocol import (BEST_OF_N_DEFAULT, ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard,
                              ModelList, new_id, now)
 
@@ -389,10 +389,10 @@ def _as_api_error(e: BaseException, rid: str | None = None) -> APIError:
     else that escapes (an engine ValueError included) is our fault: a 500 whose message names the
     request id but not the exception, which is logged server-side with that id."""
     if isinstance(e, APIError):
-        return _refine(e)
+        return e
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, APIError):
-        return _refine(cause)
+        return cause
     if type(cause).__name__ in _UNAVAILABLE:
         # The engine process died (or its replica is gone): Ray Serve's health check replaces the
         # replica; until then this is a retryable 503, not an internal error.
@@ -401,14 +401,6 @@ def _as_api_error(e: BaseException, rid: str | None = None) -> APIError:
     return ServerError(f"internal server error (request {rid or 'unknown'}); the details are in the server log",
                        code="internal_error")
 
-
-def _refine(e: APIError) -> APIError:
-    """A reward call past limits.reward_timeout_s is `reward_timeout`, whichever scorer wrapped it."""
-    if isinstance(e, AlignmentFailed) and e.code != "reward_timeout" and isinstance(e.__cause__, RewardTimeout):
-        refined = AlignmentFailed(f"reward scoring timed out: {e.__cause__}", code="reward_timeout")
-        refined.__cause__ = e.__cause__
-        return refined
-    return e
 
 
 def _load_api_keys(config: ServerConfig) -> list[str]:
@@ -726,11 +718,8 @@ class OpenAIIngress:
             self._abort_soon(rid)
             raise
         except APIError as e:
-            err = _refine(e)
-            _record(ctx, t0, err.status_code)
-            if err is e:
-                raise
-            raise err from e.__cause__
+            _record(ctx, t0, e.status_code)
+            raise
         except Exception as e:  # noqa: BLE001 - surfaced in the OpenAI error shape
             err = _as_api_error(e, rid)
             if err.status_code >= 500:
@@ -860,7 +849,6 @@ class OpenAIIngress:
                 yield f"data: {json.dumps(body)}\n\n".encode()
             _record(ctx, t0, 200)
         except APIError as e:
-            e = _refine(e)
             _record(ctx, t0, e.status_code)
             yield f"data: {json.dumps(e.body())}\n\n".encode()
         except asyncio.CancelledError:

@@ -62,7 +62,7 @@ class TimedRewards:
 
     The ingress holds this instead of the bare handle, so every scoring path (methods._score, the
     best-of-N and Transfer Q* scorers) is bounded: past the deadline the call is cancelled on the
-    reward replica and `RewardTimeout` is raised (the methods turn it into a 502 `reward_timeout`).
+    reward replica and `RewardTimeout` is raised (methods._FailLoudScorer turns it into a 502 `reward_timeout`).
     """
 
     def __init__(self, handle, timeout_s: float | None):

@@ -13,7 +13,7 @@ from decoders import vas
 from server import metrics
 from server.events import Delta, Finish
 from server.errors import AlignmentFailed, BadRequest
-from server.handles import EngineGenerator, RewardScorer
+from server.handles import EngineGenerator, RewardScorer, RewardTimeout
 
 
 async def run(ctx) -> AsyncIterator[Any]:
@@ -51,15 +51,7 @@ def _receipt(ctx, **extra) -> dict[str, Any]:
 async def _score(ctx, texts: list[str]) -> tuple[dict, dict, list[float], float]:
     """Raw, transformed and mixed scores of final texts, and the seconds it took."""
     t0 = time.perf_counter()
-    try:
-        raw = await RewardScorer(ctx.ingress.rewards).score(ctx.mixture.active(), [ctx.prompt_text] * len(texts), texts)
-    except Exception as e:  # noqa: BLE001 - any failure of the reward service is an explicit error
-        metrics.ALIGNMENT_FAILURES.labels(ctx.method, "reward").inc()
-        from server.handles import RewardTimeout
-
-        if isinstance(e, RewardTimeout):  # past limits.reward_timeout_s (server/handles.py)
-            raise AlignmentFailed(f"reward scoring timed out: {e}", code="reward_timeout") from e
-        raise AlignmentFailed(f"reward scoring failed: {type(e).__name__}: {_short(e)}", code="reward_failed") from e
+    raw = await _FailLoudScorer(ctx).score(ctx.mixture.active(), [ctx.prompt_text] * len(texts), texts)
     transformed, mixed = ctx.mixture.combine(raw, ctx.ingress.objectives)
     return raw, transformed, mixed, time.perf_counter() - t0
 
@@ -182,6 +174,10 @@ async def _best_of_n(ctx) -> AsyncIterator[Any]:
 
 
 class _FailLoudScorer(RewardScorer):
+    """The reward deployment as a Scorer whose every failure is an explicit, counted alignment error
+    (502): `reward_timeout` past limits.reward_timeout_s (server/handles.py), else `reward_failed`.
+    All scoring of a request goes through it (final answers, best-of-N and Transfer Q* candidates)."""
+
     def __init__(self, ctx):
         super().__init__(ctx.ingress.rewards)
         self.ctx = ctx
@@ -189,8 +185,10 @@ class _FailLoudScorer(RewardScorer):
     async def score(self, objectives, prompts, responses):
         try:
             return await super().score(objectives, prompts, responses)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure of the reward service is an explicit error
             metrics.ALIGNMENT_FAILURES.labels(self.ctx.method, "reward").inc()
+            if isinstance(e, RewardTimeout):
+                raise AlignmentFailed(f"reward scoring timed out: {e}", code="reward_timeout") from e
             raise AlignmentFailed(f"reward scoring failed: {type(e).__name__}: {_short(e)}",
                                   code="reward_failed") from e
 

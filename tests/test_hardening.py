@@ -426,10 +426,11 @@ def test_reward_calls_time_out_as_an_explicit_alignment_error():
     assert e.value.body()["error"]["type"] == "alignment_error"
     assert failures() == before + 1
 
-    # Through the best-of-N / Transfer Q* scorer: refined to reward_timeout by the ingress.
+    # Through the best-of-N / Transfer Q* scorer: the same error, unchanged by the ingress.
     ctx, _ = _reward_ctx(delay=5, timeout_s=0.2)
     with pytest.raises(AlignmentFailed) as e:
         asyncio.run(methods._FailLoudScorer(ctx).score(["sentiment"], ["p"], ["t"]))
+    assert e.value.code == "reward_timeout" and e.value.status_code == 502
     err = _as_api_error(e.value, "cmpl-x")
     assert err.code == "reward_timeout" and err.status_code == 502
     assert failures() == before + 2
@@ -549,7 +550,7 @@ def test_refusals_are_counted_by_reason():
 
     from server import metrics
     from server.app import _api_error, _validation_error
-    from server.errors import APIError, BadRequest, NotFound, Overloaded, ServerError
+    from server.errors import APIError, BadRequest, Overloaded, ServerError
 
     def rejected(method: str, reason: str) -> float:
         v = metrics.REGISTRY.get_sample_value("alignserve_requests_rejected_total",
