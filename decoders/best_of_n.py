@@ -39,7 +39,7 @@ import numpy as np
 
 from decoders.base import Completion, DecodeStats, Generator, Scorer
 from decoders.rewards import select_top
-from decoders.transfer_q import first_stop
+from decoders.transfer_q import first_stop, stop_string_cut
 
 
 @dataclass
@@ -144,10 +144,9 @@ def _grow(gen: Generator, c: Completion, nxt: Completion, budget: int, stops: li
         start = max(0, len(c.text) - max(len(s) for s in stops) + 1)
         hit = first_stop(text[start:], stops)
         if hit is not None:
-            for j in range(1, len(ids) + 1):
-                if first_stop(gen.decode(list(c.token_ids) + ids[:j])[start:], stops) is not None:
-                    ids = ids[:j]
-                    break
+            cut = stop_string_cut(gen, c.token_ids, ids, stops, start)
+            if cut is not None:
+                ids = cut[0]
             text, finish, stop_reason = text[:start + hit[0]], "stop", hit[1]
     n = len(ids)
 

@@ -259,17 +259,18 @@ def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
     return best
 
 
-def _stop_string_cut(gen: Generator, prefix: Sequence[int], ids: Sequence[int],
-                     stops: Sequence[str]) -> tuple[list[int], int, str] | None:
+def stop_string_cut(gen: Generator, prefix: Sequence[int], ids: Sequence[int],
+                    stops: Sequence[str], start: int = 0) -> tuple[list[int], int, str] | None:
     """vLLM's stop-string rule on ``prefix + ids`` (the prefix holds no stop string): the ids up to
     the token that completes the first stop string, where that string starts in the text, and the
-    string; None when no stop string occurs."""
-    if not stops or first_stop(gen.decode(list(prefix) + list(ids)), stops) is None:
+    string; None when no stop string occurs. Only the decoded text from ``start`` on is searched
+    (positions stay those of the whole text)."""
+    if not stops or first_stop(gen.decode(list(prefix) + list(ids))[start:], stops) is None:
         return None
     for j in range(1, len(ids) + 1):
-        hit = first_stop(gen.decode(list(prefix) + list(ids[:j])), stops)
+        hit = first_stop(gen.decode(list(prefix) + list(ids[:j]))[start:], stops)
         if hit is not None:
-            return list(ids[:j]), hit[0], hit[1]
+            return list(ids[:j]), start + hit[0], hit[1]
     return None
 
 
@@ -380,7 +381,7 @@ async def transfer_q_decode(gen: Generator, scorer: Scorer, mixture: Any, object
 
     def candidate(ids: list[int], logprob: float, terminal: bool) -> _Cand:
         c = _Cand(ids, logprob, terminal)
-        cut = _stop_string_cut(gen, out, ids, stops) if stops else None
+        cut = stop_string_cut(gen, out, ids, stops) if stops else None
         if cut is not None:
             c.ids, c.stop_cut, c.stop_str = cut[0], cut[1], cut[2]
             c.terminal = True
