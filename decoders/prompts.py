@@ -242,18 +242,14 @@ HELDOUT_FRACTION = 0.1
 HELDOUT_MAX = 256
 
 
-def heldout_size(name: str) -> int:
-    """How many prompts at the tail of set `name` (seed-0 order) are reserved for evaluation."""
-    return min(HELDOUT_MAX, int(len(load_prompts(name)) * HELDOUT_FRACTION))
-
-
 def heldout_prompts(name: str, limit: int | None = None) -> list[str]:
     """Evaluation prompts never used for training: the tail of the seed-0 order of set `name`.
 
     Training (decoders/train_value.py) draws from :func:`training_prompts`, which excludes them, so
     tests and benchmarks that measure a trained value model use prompts it has not seen."""
-    n = heldout_size(name)
-    tail = load_prompts(name)[len(load_prompts(name)) - n:] if n else []
+    prompts = load_prompts(name)
+    n = min(HELDOUT_MAX, int(len(prompts) * HELDOUT_FRACTION))  # 10% of the set, at most 256
+    tail = prompts[len(prompts) - n:] if n else []
     return tail if limit is None else tail[:limit]
 
 
