@@ -9,6 +9,11 @@ Every tool here refuses non-loopback targets unless explicitly allowed.
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -32,3 +37,18 @@ def check_target(url: str, allow_remote: bool, flag: str = "--allow-remote") -> 
     if not allow_remote and not is_loopback_url(url):
         raise ValueError(f"refusing to load-test non-loopback URL {url!r}: only 127.0.0.1/localhost "
                          f"are targeted unless {flag} is given")
+
+
+def start_server(port: int) -> tuple[subprocess.Popen, str, float]:
+    """``python -m server.serve --port PORT`` in its own session (the benchmarks' private server):
+    (process, its URL, seconds until it printed READY). Stop it with SIGTERM."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", str(port)],
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            # Keep reading its output: a full pipe would block the server's logging.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, f"http://127.0.0.1:{port}", time.perf_counter() - t0
+    raise RuntimeError("server exited before it was ready")

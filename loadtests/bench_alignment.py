@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import signal
 import statistics
-import subprocess
-import threading
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
 from decoders.prompts import heldout_prompts
+from loadtests import start_server
 
-ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = {"sentiment": 1.0}
 MIXTURE = {"sentiment": 1.0, "safety": 1.0, "relevance": 1.0, "brevity": 0.5}
 
@@ -72,16 +69,6 @@ def run(client, url, model, prompts, alignment, max_tokens) -> dict:
     return out
 
 
-def start_server(port: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            # Keep reading its output: a full pipe would block the server's logging.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, f"http://127.0.0.1:{port}"
-    raise RuntimeError("server exited before it was ready")
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +82,7 @@ def main(argv=None) -> int:
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.port)
+        proc, url, _ = start_server(args.port)
     try:
         with httpx.Client(timeout=900) as client:
             model = client.get(f"{url}/v1/models").json()["data"][0]["id"]

@@ -14,15 +14,13 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
-import threading
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from loadtests import start_server
+
 PROMPT = "Write a long, detailed story about {topic}."
 TOPICS = ["a lighthouse keeper", "a robot chef", "a lost cat", "the first city on Mars", "a haunted library",
           "a chess prodigy", "a desert caravan", "an underwater village"]
@@ -115,17 +113,6 @@ def fmt(s: dict) -> str:
     return f"req/s {s['req_s']:6.2f}  tok/s {s['tok_s']:7.1f}  p50 {s['p50']:6.2f}s  p95 {s['p95']:6.2f}s"
 
 
-def start_server(port: int) -> tuple[subprocess.Popen, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            # Keep reading its output: a full pipe would block the server's logging.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, time.perf_counter() - t0
-    raise RuntimeError("server exited before it was ready")
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,7 +125,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     bare = asyncio.run(bench_bare(levels, args.requests_per_level, args.max_tokens))
-    proc, cold = start_server(args.port)
+    proc, _, cold = start_server(args.port)
     try:
         ours = asyncio.run(bench_ours(f"http://127.0.0.1:{args.port}", levels, args.requests_per_level, args.max_tokens))
     finally:
