@@ -2,7 +2,7 @@
 
 A *baseline* is a model already aligned to some reward(s) ``r_BL`` whose rollouts estimate the
 value Q*(s, z) of a candidate continuation z (Chakraborty et al. 2024, "Transfer Q Star").
-Three kinds are registered in ``ServerConfig.baselines`` (``server/config.py::BaselineConfig``):
+Three kinds are registered in the server config's ``baselines`` (:class:`BaselineConfig`):
 
 * ``prompted``: the *base* model itself, steered by a system prompt toward the objective(s) in
   ``aligned_to``. Rollouts run on the same engine, only the context differs (so vLLM prefix
@@ -25,16 +25,30 @@ Everything here is pure (no engine, no tokenizer): chat rendering is injected as
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
-from server.config import BaselineConfig
-from server.errors import BadRequest
+from pydantic import BaseModel, ConfigDict
+
+from decoders.base import ParamError
 
 BASELINE_PARAM = "alignment.baseline"
 
 
-class ParamError(BadRequest, ValueError):
-    """A bad request parameter: an OpenAI-shaped 400 (``BadRequest``) that is also a ``ValueError``."""
+class BaselineConfig(BaseModel):
+    """A baseline aligned model for Transfer Q* (the server config's ``baselines``).
+
+    kind `prompted`: the base model steered by a system prompt; `lora`: a LoRA adapter on the
+    base model (`path`: the adapter dir; the engine turns LoRA on for it); `model`: another model
+    served by vLLM -- reserved, not supported yet: a server config naming one is refused at load
+    (:func:`validate_baselines`).
+    """
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["prompted", "lora", "model"] = "prompted"
+    aligned_to: list[str]
+    system_prompt: str | None = None
+    path: str | None = None
+    description: str = ""
 
 
 # --------------------------------------------------------------------------------------------

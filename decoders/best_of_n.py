@@ -18,7 +18,7 @@ Details of the pruning loop:
 * Text: vLLM's own text is kept (prefix text + continuation text), so a stop string that vLLM
   trimmed is not re-introduced; a stop string spanning a chunk boundary (which vLLM cannot see:
   the continuation's prompt holds its first part) is detected here and cut the same way.
-  Per-token ``logprobs``/``raw_logprobs`` are concatenated across rounds.
+  Per-token ``logprobs`` are concatenated across rounds.
 * ``candidate_mean_raw`` / ``candidate_mean_mixed`` (the receipt's base-model reference for
   ``reward_gain``): without pruning, the mean over the N candidates (plain base samples). With
   pruning, the final set is selection-biased (survivors of the partial-score ranking), so the
@@ -33,22 +33,28 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Literal, Mapping
 
 import numpy as np
+from pydantic import Field
 
-from decoders.base import Completion, DecodeStats, Generator, Scorer
-from decoders.rewards import select_top
+from decoders.base import (Bool, Budget, ChoiceScores, Completion, Cost, DecodeStats, Delta, Engine, Event, Finish, Float, Int,
+                           Method, ParamError, RewardScore, Scorer, Timing, need)
+from decoders.rewards import MixtureParams, select_top
 from decoders.transfer_q import first_stop, stop_string_cut
 
 
-@dataclass
-class BestOfNParams:
-    n_candidates: int
-    n_return: int = 1
-    early_pruning: bool = False
-    chunk_tokens: int = 16
-    keep_fraction: float = 0.5
+class BestOfNParams(MixtureParams):
+    method: Literal["best_of_n"] = "best_of_n"
+    n: Int = Field(default=4, ge=1, description="candidates sampled (OpenAI `n`: how many of the best to return)")
+    early_pruning: Bool = Field(default=False, description="score partial outputs, continue only the best")
+    chunk_tokens: Int = Field(default=16, ge=1, description="tokens before the first pruning (doubling after)")
+    keep_fraction: Float = Field(default=0.5, gt=0.0, le=1.0, description="fraction kept at each pruning")
+
+    def check(self, limits) -> None:
+        super().check(limits)
+        need(self.n <= limits.max_best_of_n, "n", f"n must be <= {limits.max_best_of_n}")
+        need(self.chunk_tokens <= limits.max_tokens, "chunk_tokens", f"chunk_tokens must be <= {limits.max_tokens}")
 
 
 @dataclass
@@ -80,24 +86,24 @@ def _means(raw: Mapping[str, list[float]], mixed: list[float]) -> tuple[dict[str
     return {o: sum(v) / len(v) for o, v in raw.items()}, sum(mixed) / len(mixed)
 
 
-async def best_of_n(gen: Generator, scorer: Scorer, mixture, objectives: Mapping[str, Any], *,
+async def best_of_n(gen: Engine, scorer: Scorer, mixture, objectives: Mapping[str, Any], *,
                     prompt_ids: list[int], prompt_text: str, sampling: dict[str, Any],
-                    params: BestOfNParams) -> tuple[list[ScoredCandidate], DecodeStats, dict[str, Any]]:
+                    params: BestOfNParams, n_return: int = 1) -> tuple[list[ScoredCandidate], DecodeStats, dict[str, Any]]:
     """Return the ``n_return`` best candidates (best first), the cost, and receipt extras.
 
     ``sampling`` holds the request's SamplingParams kwargs (max_tokens, temperature, seed, stop, ...);
-    its ``n`` is replaced by the candidate count. Ranking: ``decoders.rewards.select_top`` (best
-    mixed score first, ties to the lower candidate index, NaN last).
+    its ``n`` is replaced by the candidate count ``params.n``. Ranking: ``decoders.rewards.select_top``
+    (best mixed score first, ties to the lower candidate index, NaN last).
     """
     stats = DecodeStats()
     prescored: dict[int, tuple[dict[str, float], dict[str, float], float]] = {}
     first_means: tuple[dict[str, float], float] | None = None
-    if params.early_pruning and params.n_candidates > params.n_return:  # nothing to prune otherwise
+    if params.early_pruning and params.n > n_return:  # nothing to prune otherwise
         completions, prescored, first_means = await _generate_with_pruning(
-            gen, scorer, mixture, objectives, prompt_ids, prompt_text, sampling, params, stats)
+            gen, scorer, mixture, objectives, prompt_ids, prompt_text, sampling, params, n_return, stats)
     else:
         t0 = time.perf_counter()
-        [completions] = await gen.generate([prompt_ids], dict(sampling, n=params.n_candidates))
+        [completions] = await gen.generate([prompt_ids], dict(sampling, n=params.n))
         stats.generation_s += time.perf_counter() - t0
         stats.base_tokens += sum(len(c.token_ids) for c in completions)
 
@@ -112,7 +118,7 @@ async def best_of_n(gen: Generator, scorer: Scorer, mixture, objectives: Mapping
     scores = [prescored[id(c)] if id(c) in prescored else fresh[i] for i, c in enumerate(completions)]
     mixed = [s[2] for s in scores]
     chosen = [ScoredCandidate(completions[i], dict(scores[i][0]), dict(scores[i][1]), mixed[i])
-              for i in select_top(mixed, params.n_return)]
+              for i in select_top(mixed, n_return)]
     if first_means is not None:
         mean_raw, mean_mixed = first_means
         basis = "first_round"
@@ -128,7 +134,7 @@ def _done(c: Completion, max_tokens: int) -> bool:
     return c.finish_reason == "stop" or len(c.token_ids) >= max_tokens
 
 
-def _grow(gen: Generator, c: Completion, nxt: Completion, budget: int, stops: list[str]) -> Completion:
+def _grow(gen: Engine, c: Completion, nxt: Completion, budget: int, stops: list[str]) -> Completion:
     """``c`` continued by ``nxt`` (at most ``budget`` tokens), keeping vLLM's text and logprobs."""
     ids = list(nxt.token_ids[:budget])
     cut = len(ids) < len(nxt.token_ids)
@@ -153,27 +159,25 @@ def _grow(gen: Generator, c: Completion, nxt: Completion, budget: int, stops: li
     def cat(a, b):
         return None if a is None or b is None else list(a) + list(b)[:n]
 
-    logprobs = cat(c.logprobs, nxt.logprobs)
     cum = None
     if c.cumulative_logprob is not None:
         if n == len(nxt.token_ids) and nxt.cumulative_logprob is not None:
             cum = c.cumulative_logprob + nxt.cumulative_logprob
         elif nxt.logprobs is not None:
-            cum = c.cumulative_logprob + sum(float(lp.get(t, 0.0)) for t, lp in zip(ids, nxt.logprobs))
+            cum = c.cumulative_logprob + sum(float(r.logprob) for r in nxt.logprobs[:n])
     return Completion(text=text, token_ids=list(c.token_ids) + ids, cumulative_logprob=cum, finish_reason=finish,
-                      logprobs=logprobs, stop_reason=stop_reason,
-                      raw_logprobs=cat(c.raw_logprobs, nxt.raw_logprobs))
+                      logprobs=cat(c.logprobs, nxt.logprobs), stop_reason=stop_reason, index=c.index)
 
 
-async def _generate_with_pruning(gen: Generator, scorer: Scorer, mixture, objectives, prompt_ids, prompt_text,
-                                 sampling, params: BestOfNParams, stats: DecodeStats):
+async def _generate_with_pruning(gen: Engine, scorer: Scorer, mixture, objectives, prompt_ids, prompt_text,
+                                 sampling, params: BestOfNParams, n_return: int, stats: DecodeStats):
     """Returns (finished completions, {id(completion): its final scores} for those already scored,
     (mean raw, mean mixed) over the first-round candidates or None when nothing was pruned)."""
     max_tokens = sampling["max_tokens"]
     seed = sampling.get("seed")
     stops = [s for s in (sampling.get("stop") or []) if s]
     t0 = time.perf_counter()
-    first = dict(sampling, n=params.n_candidates, max_tokens=min(params.chunk_tokens, max_tokens))
+    first = dict(sampling, n=params.n, max_tokens=min(params.chunk_tokens, max_tokens))
     [firsts] = await gen.generate([prompt_ids], first)
     stats.generation_s += time.perf_counter() - t0
     stats.base_tokens += sum(len(c.token_ids) for c in firsts)
@@ -188,7 +192,7 @@ async def _generate_with_pruning(gen: Generator, scorer: Scorer, mixture, object
         if not alive:
             break
         # Prune: score partial outputs, keep the best fraction (never fewer than n_return survivors overall).
-        keep = max(params.n_return - len(finished), math.ceil(len(alive) * params.keep_fraction), 1)
+        keep = max(n_return - len(finished), math.ceil(len(alive) * params.keep_fraction), 1)
         if keep < len(alive):
             if round_no == 0:
                 # Every first-round candidate in one call: the finished ones are scored on their final
@@ -212,11 +216,13 @@ async def _generate_with_pruning(gen: Generator, scorer: Scorer, mixture, object
         if seed is None:
             nexts = await gen.generate([list(prompt_ids) + list(c.token_ids) for _, c in alive], dict(base, seed=None))
         else:
-            # One call per survivor, each with its own derived seed (the engine batches them anyway).
-            outs = await asyncio.gather(*(
-                gen.generate([list(prompt_ids) + list(c.token_ids)], dict(base, seed=candidate_seed(seed, round_no, i)))
-                for i, c in alive))
-            nexts = [o[0] for o in outs]
+            # One call per survivor, each with its own derived seed (the engine batches them anyway);
+            # a failing call cancels the others (the task group), so no survivor runs on unattended.
+            async with asyncio.TaskGroup() as group:
+                calls = [group.create_task(gen.generate([list(prompt_ids) + list(c.token_ids)],
+                                                        dict(base, seed=candidate_seed(seed, round_no, i))))
+                         for i, c in alive]
+            nexts = [call.result()[0] for call in calls]
         stats.generation_s += time.perf_counter() - t0
         grown = []
         for (i, c), [nxt] in zip(alive, nexts):
@@ -225,3 +231,54 @@ async def _generate_with_pruning(gen: Generator, scorer: Scorer, mixture, object
             grown.append((i, g))
         alive = grown
     return [c for _, c in finished], prescored, first_means
+
+
+class BestOfN(Method):
+    name = "best_of_n"
+    Params = BestOfNParams
+    summary = ("N samples sharing the prompt prefix, scored by the reward mixture, the best returned; "
+               "`early_pruning` scores partial outputs and continues only the best fraction.")
+    streams = "whole"  # all candidates must finish before the winner is known
+
+    async def prepare(self) -> None:
+        self.mixture = self.params.mixture(self.ctx.objectives, self.ctx.limits)
+        n_return = self.request.n
+        if n_return > self.params.n:
+            raise ParamError(f"n ({n_return}) must not exceed alignment.n, the number of candidates ({self.params.n})",
+                             param="alignment.n")
+        if self.params.n > 1 and self.request.sampling.get("temperature", 1.0) == 0:
+            raise ParamError("best_of_n samples its candidates: temperature 0 would make them identical; "
+                             "use temperature > 0 (or alignment.n = 1)", param="temperature")
+
+    def budget(self) -> Budget:
+        n, max_tokens = self.params.n, self.request.max_tokens
+        # Pruning rounds score the survivors again: at most twice the candidates in all.
+        scores = 2 * n if self.params.early_pruning else n
+        return Budget(sequences=n, tokens=n * max_tokens, scores=scores, knobs=("alignment.n", "max_tokens"))
+
+    async def decode(self) -> AsyncIterator[Event]:
+        sampling = dict(self.request.sampling)
+        n_return = sampling.pop("n", 1)
+        chosen, stats, extras = await best_of_n(self.ctx.engine, self.ctx.scorer, self.mixture, self.ctx.objectives,
+                                                prompt_ids=self.request.prompt_ids,
+                                                prompt_text=self.request.prompt_text, sampling=sampling,
+                                                params=self.params, n_return=n_return)
+        receipt = self.receipt()
+        receipt.choices = []
+        for rank, sc in enumerate(chosen):
+            c = sc.completion
+            yield Delta(rank, c.text, list(c.token_ids), c.logprobs if "logprobs" in sampling else None)
+            yield Finish(rank, c.finish_reason or "length")
+            receipt.choices.append(ChoiceScores(index=rank, mixed=sc.mixed, rewards={
+                o: RewardScore(raw=sc.raw[o], transformed=sc.transformed[o]) for o in sc.raw}))
+        best = chosen[0]
+        receipt.reward_gain = {o: best.raw[o] - extras["candidate_mean_raw"][o] for o in best.raw}
+        receipt.candidate_mean_mixed = extras["candidate_mean_mixed"]
+        receipt.cost = Cost(candidates=stats.candidates, base_tokens=stats.base_tokens)
+        receipt.timing = Timing(generation_s=round(stats.generation_s, 4), scoring_s=round(stats.scoring_s, 4))
+        # Added latency (the reward-per-second trade-off) = scoring time + the share of generation time
+        # spent on the candidates beyond the n_return that plain decoding would also have produced:
+        # generation_s * (1 - n_return / N). Assumes cost proportional to candidates, an upper bound on
+        # batched hardware where extra candidates are nearly free in wall time.
+        receipt.add_latency(stats.scoring_s + stats.generation_s * max(1.0 - n_return / max(self.params.n, 1), 0.0))
+        yield receipt

@@ -80,8 +80,7 @@ def score_all(objectives: dict, prompts: list[str], responses: list[str]) -> dic
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from decoders.prompts import PROMPT_SETS, load_prompts
     from decoders.rewards import build_objectives, default_objective_configs
-    from server.config import EMBEDDED_MODEL
-    from server.model_cache import resolve_model
+    from decoders.base_model import EMBEDDED_MODEL, resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="model path (default: the embedded SmolLM2)")

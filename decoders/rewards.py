@@ -17,9 +17,11 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
-from server.config import ObjectiveConfig
+from pydantic import BaseModel, ConfigDict, Field
+
+from decoders.base import FiniteFloat, Limits, MethodParams, ParamError, Text, need
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -27,6 +29,27 @@ REWARD_STATS_PATH = Path(__file__).resolve().parent / "data" / "reward_stats.jso
 TRANSFORMS = ("raw", "standardize", "log_sigmoid")
 STD_FLOOR = 1e-3
 OBJECTIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ObjectiveConfig(BaseModel):
+    """A reward model registered by name (the server config's ``objectives``).
+
+    kind: one of the embedded signals (vader, profanity, relevance, brevity) or `hf_classifier` for
+    any Hugging Face sequence-classification reward model in a local dir (see OBJECTIVE_KINDS).
+    """
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    description: str = ""
+    path: str | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    label_index: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+    # Reference statistics for the transforms; measured on base samples (python -m decoders.calibrate).
+    mean: float | None = None
+    std: float | None = None
+    reference: float | None = None
 
 
 class RewardError(RuntimeError):
@@ -506,3 +529,71 @@ def select_top(mixed: Sequence[float], n: int) -> list[int]:
         return (math.isnan(s), -s if not math.isnan(s) else 0.0, i)
 
     return sorted(range(len(mixed)), key=key)[:max(n, 0)]
+
+
+# --- the mixture knobs of a request ------------------------------------------------------------
+
+def check_weights(weights: Mapping[str, float] | None, limits: Limits, method: str, required: bool) -> None:
+    """Each weight in [0, limits.max_weight]; ``required``: at least one positive (ParamError)."""
+    for key, w in (weights or {}).items():
+        need(0.0 <= w <= limits.max_weight, f"weights.{key}",
+             f"weight of '{key}' must be in [0, {limits.max_weight:g}], got {w}")
+    if required:
+        need(bool(weights) and any(w > 0 for w in weights.values()), "weights",
+             f"method '{method}' needs `weights` with at least one positive weight")
+
+
+def build_mixture(weights: Mapping[str, float] | None, transform: str, caps: Mapping[str, float] | None,
+                  objectives: Mapping[str, Objective], limits: Limits, required: bool) -> Mixture | None:
+    """The validated Mixture of a request (None without weights); ParamError names the field at fault."""
+    if not weights:
+        return None
+    m = Mixture(weights=dict(weights), transform=transform, caps=dict(caps or {}))
+    try:
+        m.validate(objectives, max_weight=limits.max_weight, require_nonzero=required)
+    except MixtureError as e:
+        raise ParamError(str(e), param=e.param) from None
+    return m
+
+
+class MixtureParams(MethodParams):
+    """The reward mixture of a request (``weights``, ``transform``, ``caps``), shared by every
+    method that scores. Methods that need a mixture keep ``needs_weights``; ``none`` takes one
+    optionally (the answer is then scored and the receipt shows its rewards)."""
+    needs_weights: ClassVar[bool] = True
+
+    weights: dict[Text, FiniteFloat] | None = Field(default=None, description="objective -> weight in [0, max_weight]")
+    transform: Literal["raw", "standardize", "log_sigmoid"] = Field(
+        default="raw", description="applied to each (capped) raw reward before weighting")
+    caps: dict[Text, FiniteFloat] | None = Field(default=None, description="objective -> cap on its raw reward")
+
+    def check(self, limits: Limits) -> None:
+        check_weights(self.weights, limits, self.method, self.needs_weights)
+
+    def mixture(self, objectives: Mapping[str, Objective], limits: Limits) -> Mixture | None:
+        return build_mixture(self.weights, self.transform, self.caps, objectives, limits, self.needs_weights)
+
+    def knobs(self) -> dict[str, Any]:
+        out = super().knobs()
+        if not self.weights:  # no mixture: nothing was scored, no transform applied
+            out.pop("transform", None)
+        if not self.caps:
+            out.pop("caps", None)
+        return out
+
+
+async def score_answers(scorer: Any, mixture: Mixture, objectives: Mapping[str, Objective], prompt_text: str,
+                        texts: list[str]) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
+    """Raw, transformed and mixed scores of final answers (one scorer call for all of them)."""
+    raw = await scorer.score(mixture.active(), [prompt_text] * len(texts), texts)
+    transformed, mixed = mixture.combine(raw, objectives)
+    return raw, transformed, mixed
+
+
+def choice_scores(index: int, raw: Mapping[str, Sequence[float]], transformed: Mapping[str, Sequence[float]],
+                  mixed: Sequence[float], i: int):
+    """The receipt entry of choice ``index``: row ``i`` of a scoring result."""
+    from decoders.base import ChoiceScores, RewardScore
+
+    return ChoiceScores(index=index, mixed=mixed[i],
+                        rewards={o: RewardScore(raw=raw[o][i], transformed=transformed[o][i]) for o in raw})

@@ -237,114 +237,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    t_all = time.perf_counter()
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    from decoders.prompts import training_prompts
-    from decoders.rewards import build_objectives
-
-    objectives = build_objectives()
-    if args.objective not in objectives:
-        print(f"unknown objective {args.objective!r}; known: {', '.join(sorted(objectives))}", file=sys.stderr)
-        return 2
-    objective = objectives[args.objective]
-    if args.base is None:
-        from server.model_cache import materialize_embedded
-
-        base_dir = str(materialize_embedded())
-    else:
-        base_dir = args.base
-    wall: dict[str, float] = {}
-
-    # 1. samples
-    t0 = time.perf_counter()
+def collect_samples(args: argparse.Namespace, base_dir: str) -> list[dict[str, Any]]:
+    """The base model's own samples on the training split (or those saved by an earlier run)."""
     if args.samples_from:
         samples = [json.loads(line) for line in Path(args.samples_from).read_text().splitlines() if line.strip()]
-        n_prompts = len({s["prompt_index"] for s in samples})
-        logger.info("reusing %d samples of %d prompts from %s", len(samples), n_prompts, args.samples_from)
-    else:
-        from transformers import AutoTokenizer
+        logger.info("reusing %d samples of %d prompts from %s", len(samples),
+                    len({s["prompt_index"] for s in samples}), args.samples_from)
+        return samples
+    from transformers import AutoTokenizer
 
-        n_prompts = math.ceil(args.samples / args.samples_per_prompt)
-        # Held-out prompts (decoders.prompts.heldout_prompts) are never trained on: tests and
-        # benchmarks measure the value models on them.
-        prompts = training_prompts(args.prompts, limit=n_prompts, seed=args.seed)
-        if len(prompts) < n_prompts:
-            logger.warning("prompt set %s has only %d prompts; sampling more per prompt", args.prompts, len(prompts))
-        per = math.ceil(args.samples / len(prompts))
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        ids = [chat_prompt_ids(tok, p) for p in prompts]
-        samples = sample_responses(base_dir, prompts, ids, per, args.max_tokens, args.seed, args.max_num_seqs)
-        samples = samples[: args.samples]
-        n_prompts = len({s["prompt_index"] for s in samples})
-    wall["sampling_s"] = time.perf_counter() - t0
+    from decoders.prompts import training_prompts
 
-    # 2. rewards
-    t0 = time.perf_counter()
-    if args.samples_from and all(s.get("objective") == args.objective and "reward" in s for s in samples):
-        raw = [float(s["reward"]) for s in samples]
-    else:
-        raw = []
-        for i in tqdm(range(0, len(samples), objective.batch_size), desc=f"scoring {args.objective}", unit="batch"):
-            chunk = samples[i:i + objective.batch_size]
-            raw += [float(x) for x in objective([s["prompt"] for s in chunk], [s["response"] for s in chunk])]
+    n_prompts = math.ceil(args.samples / args.samples_per_prompt)
+    # Held-out prompts (decoders.prompts.heldout_prompts) are never trained on: tests and
+    # benchmarks measure the value models on them.
+    prompts = training_prompts(args.prompts, limit=n_prompts, seed=args.seed)
+    if len(prompts) < n_prompts:
+        logger.warning("prompt set %s has only %d prompts; sampling more per prompt", args.prompts, len(prompts))
+    per = math.ceil(args.samples / len(prompts))
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = [chat_prompt_ids(tok, p) for p in prompts]
+    samples = sample_responses(base_dir, prompts, ids, per, args.max_tokens, args.seed, args.max_num_seqs)
+    return samples[: args.samples]
+
+
+def score_samples(samples: list[dict[str, Any]], objective: Any, name: str) -> list[float]:
+    """Each sample's raw reward (kept on the samples, reused when they were scored for ``name`` already)."""
+    if all(s.get("objective") == name and "reward" in s for s in samples):
+        return [float(s["reward"]) for s in samples]
+    raw: list[float] = []
+    for i in tqdm(range(0, len(samples), objective.batch_size), desc=f"scoring {name}", unit="batch"):
+        chunk = samples[i:i + objective.batch_size]
+        raw += [float(x) for x in objective([s["prompt"] for s in chunk], [s["response"] for s in chunk])]
     for s, r in zip(samples, raw):
-        s["reward"], s["objective"] = r, args.objective
-    wall["scoring_s"] = time.perf_counter() - t0
-    if args.save_samples:
-        Path(args.save_samples).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_samples).write_text("".join(json.dumps(s) + "\n" for s in samples))
-    raw_t = torch.tensor(raw, dtype=torch.float32)
-    r_mean = float(raw_t.mean())
-    r_std = float(raw_t.std(unbiased=False))
-    scale = max(r_std, 1e-3)
-    rewards = (raw_t - r_mean) / scale
-    logger.info("%d samples, %s reward mean %.4f std %.4f (min %.3f, max %.3f)", len(samples), args.objective,
-                r_mean, r_std, float(raw_t.min()), float(raw_t.max()))
+        s["reward"], s["objective"] = r, name
+    return raw
 
-    # 3. trunk features
-    t0 = time.perf_counter()
-    torch.set_num_threads(max(1, args.threads))
-    trunk = LlamaTrunk.from_pretrained(base_dir, args.trunk_layers)
-    feats = trunk_features(trunk, samples)
-    with torch.no_grad():
-        e = trunk.embed(feats["z"]).float().clone()
-    wall["features_s"] = time.perf_counter() - t0
-    logger.info("trunk features: %d prefixes (%d layers) in %.1fs", feats["h"].shape[0], args.trunk_layers,
-                wall["features_s"])
 
-    # 4. fit
-    t0 = time.perf_counter()
-    prompt_ids_set = sorted({s["prompt_index"] for s in samples})
-    rng = random.Random(args.seed)
-    n_val = int(round(len(prompt_ids_set) * args.val_fraction))
-    val_prompts = set(rng.sample(prompt_ids_set, n_val)) if n_val else set()
-    train_mask = torch.tensor([s["prompt_index"] not in val_prompts for s in samples])
-    head = ValueHead(trunk.hidden_size, trunk.hidden_size, dim=args.head_dim, dropout=args.dropout)
-    fit = fit_head(head, feats, e, rewards, train_mask, lam=args.td_lambda, gamma=args.gamma, epochs=args.epochs,
-                   passes=args.passes, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                   seed=args.seed)
-    head.eval()
-    head.requires_grad_(False)
-    q = predict(head, feats["h"], e)
-    quality = {"train": value_quality(q, feats, rewards, train_mask),
-               "val": value_quality(q, feats, rewards, ~train_mask)}
-    wall["fit_s"] = time.perf_counter() - t0
-    wall["total_s"] = time.perf_counter() - t_all
+def held_out_mask(samples: list[dict[str, Any]], fraction: float, seed: int) -> torch.Tensor:
+    """True for the samples whose prompt is in the training part (a whole prompt is held out or not)."""
+    prompt_ids = sorted({s["prompt_index"] for s in samples})
+    n_val = int(round(len(prompt_ids) * fraction))
+    val = set(random.Random(seed).sample(prompt_ids, n_val)) if n_val else set()
+    return torch.tensor([s["prompt_index"] not in val for s in samples])
+
+
+def training_meta(args: argparse.Namespace, argv: list[str] | None, samples: list[dict[str, Any]],
+                  raw_t: torch.Tensor, scale: float, fit: dict[str, Any], quality: dict[str, Any],
+                  objective: Any, wall: dict[str, float]) -> dict[str, Any]:
+    """What the checkpoint says about how it was made (value_model.json)."""
+    r_mean, r_std = float(raw_t.mean()), float(raw_t.std(unbiased=False))
     last = fit["history"][fit["best_epoch"] - 1] if fit["history"] else {}
-
-    meta = {
+    return {
         "value_units": {"reward_mean": r_mean, "reward_std": scale,
                         "meaning": "V(s, z) estimates E[(R - reward_mean) / reward_std] of the prefix s + z "
                                    "continued by the base model"},
         "td": {"lambda": args.td_lambda, "gamma": args.gamma},
         "training": {
-            "prompt_set": args.prompts, "prompts": n_prompts, "samples": len(samples),
-            "samples_per_prompt": args.samples_per_prompt, "max_tokens": args.max_tokens, "temperature": 1.0,
-            "seed": args.seed, "objective_kind": getattr(objective, "kind", None),
+            "prompt_set": args.prompts, "prompts": len({s["prompt_index"] for s in samples}),
+            "samples": len(samples), "samples_per_prompt": args.samples_per_prompt, "max_tokens": args.max_tokens,
+            "temperature": 1.0, "seed": args.seed, "objective_kind": getattr(objective, "kind", None),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "epochs": args.epochs, "passes": args.passes, "lr": args.lr, "batch_size": args.batch_size,
             "weight_decay": args.weight_decay, "dropout": args.dropout, "val_fraction": args.val_fraction,
@@ -358,9 +310,70 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m decoders.train_value " + " ".join(argv if argv is not None else sys.argv[1:]),
         },
     }
-    vm = ValueModel(args.objective, trunk, head, meta)
-    out = vm.save(args.out)
-    print(json.dumps({"out": str(out), "final_loss": last.get("train_td_loss"), "val": quality["val"],
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t_all = time.perf_counter()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    from decoders.rewards import build_objectives
+
+    objectives = build_objectives()
+    if args.objective not in objectives:
+        print(f"unknown objective {args.objective!r}; known: {', '.join(sorted(objectives))}", file=sys.stderr)
+        return 2
+    objective = objectives[args.objective]
+    if args.base is None:
+        from decoders.base_model import materialize_embedded
+
+        base_dir = str(materialize_embedded())
+    else:
+        base_dir = args.base
+    wall: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    samples = collect_samples(args, base_dir)                                  # 1. samples
+    wall["sampling_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    raw_t = torch.tensor(score_samples(samples, objective, args.objective))    # 2. rewards
+    wall["scoring_s"] = time.perf_counter() - t0
+    if args.save_samples:
+        Path(args.save_samples).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_samples).write_text("".join(json.dumps(s) + "\n" for s in samples))
+    scale = max(float(raw_t.std(unbiased=False)), 1e-3)
+    rewards = (raw_t - raw_t.mean()) / scale
+    logger.info("%d samples, %s reward mean %.4f std %.4f (min %.3f, max %.3f)", len(samples), args.objective,
+                float(raw_t.mean()), float(raw_t.std(unbiased=False)), float(raw_t.min()), float(raw_t.max()))
+
+    t0 = time.perf_counter()                                                   # 3. trunk features
+    torch.set_num_threads(max(1, args.threads))
+    trunk = LlamaTrunk.from_pretrained(base_dir, args.trunk_layers)
+    feats = trunk_features(trunk, samples)
+    with torch.no_grad():
+        e = trunk.embed(feats["z"]).float().clone()
+    wall["features_s"] = time.perf_counter() - t0
+    logger.info("trunk features: %d prefixes (%d layers) in %.1fs", feats["h"].shape[0], args.trunk_layers,
+                wall["features_s"])
+
+    t0 = time.perf_counter()                                                   # 4. fit
+    train_mask = held_out_mask(samples, args.val_fraction, args.seed)
+    head = ValueHead(trunk.hidden_size, trunk.hidden_size, dim=args.head_dim, dropout=args.dropout)
+    fit = fit_head(head, feats, e, rewards, train_mask, lam=args.td_lambda, gamma=args.gamma, epochs=args.epochs,
+                   passes=args.passes, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                   seed=args.seed)
+    head.eval()
+    head.requires_grad_(False)
+    q = predict(head, feats["h"], e)
+    quality = {"train": value_quality(q, feats, rewards, train_mask),
+               "val": value_quality(q, feats, rewards, ~train_mask)}
+    wall["fit_s"] = time.perf_counter() - t0
+    wall["total_s"] = time.perf_counter() - t_all
+
+    meta = training_meta(args, argv, samples, raw_t, scale, fit, quality, objective, wall)
+    out = ValueModel(args.objective, trunk, head, meta).save(args.out)
+    print(json.dumps({"out": str(out), "final_loss": meta["training"]["final_loss"], "val": quality["val"],
                       "reward": meta["training"]["reward"], "wall_s": meta["training"]["wall_s"]}, indent=2))
     return 0
 

@@ -34,79 +34,84 @@ d. select by ``score(z) = base_logprob(z) + alpha * Q(z)`` where ``base_logprob`
    RNG seeded by (seed, step) so a fixed seed reproduces.
 e. append z to y, stream it (``on_block``; text that could still become a stop string is held back),
    stop at a stop token, a stop string (text cut before it, as vLLM does) or max_tokens.
+
+The request's knobs are ``TransferQParams`` (``ARGSParams`` for ``args``); the search itself is
+``TransferQSearch`` (one answer), the methods ``TransferQ`` and ``ARGS`` run ``n`` of them and
+stream each chosen block as it is chosen.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, Sequence
 
 import numpy as np
+from pydantic import Field
 
-from decoders.base import Completion, DecodeStats, Generator, Scorer
-from decoders.baselines import ParamError, resolve_transfer
-
-TRANSFERS = ("auto", "direct", "indirect")
-
-# Recommended request defaults that keep the cost within ~10x plain sampling (docs/transfer_q.md):
-# tokens per output token = top_k * (block + rollout_tokens) / block = 4 * 32 / 16 = 8.
-# The server uses these for fields a request leaves out (server/methods.py).
-RECOMMENDED_DEFAULTS: dict[str, Any] = {"top_k": 4, "block": 16, "rollout_tokens": 16, "alpha": 1.0}
+from decoders.base import (Budget, Completion, Cost, DecodeStats, Delta, Engine, Event, FiniteFloat, Finish, Int, Method,
+                           ParamError, Receipt, Scorer, Text, Timing, need)
+from decoders.baselines import RolloutTarget, prepare_rollout, resolve_transfer
+from decoders.plain import score_receipt, stream_choices
+from decoders.rewards import MixtureParams
 
 # Engine seed of the sampled candidate blocks at temperature 0 when the request gives no seed:
 # greedy selection must not depend on an unseeded sample, so greedy transfer_q is deterministic.
 GREEDY_CANDIDATE_SEED = 0
 
 
-@dataclass
-class TransferQParams:
-    """The request's ``alignment`` fields for ``method: transfer_q`` (``args`` = rollout_tokens 0)."""
-    weights: dict[str, float]
-    transform: str = "raw"
-    caps: dict[str, float] = field(default_factory=dict)
-    alpha: float = 1.0
-    top_k: int = 10
-    block: int = 1
-    rollout_tokens: int = 16
-    baseline: str | None = None
-    transfer: str = "auto"            # "auto" | "direct" | "indirect"
-    indirect_coef: float = 0.5
+# --------------------------------------------------------------------------------------------
+# Request knobs
+# --------------------------------------------------------------------------------------------
 
-    def validate(self, limits: Any = None) -> "TransferQParams":
-        """Range checks (``limits``: a ``LimitsConfig``); raises ParamError (a 400) naming the field."""
-        max_top_k = getattr(limits, "max_top_k", 50)
-        max_block = getattr(limits, "max_block", 64)
-        max_roll = getattr(limits, "max_rollout_tokens", 64)
-        max_alpha = getattr(limits, "max_alpha", 100.0)
-        max_beta = getattr(limits, "max_beta", 50.0)
+class _SearchParams(MixtureParams):
+    """The knobs ``args`` and ``transfer_q`` share. Defaults keep Transfer Q*'s cost within ~10x plain
+    sampling (docs/transfer_q.md): tokens per output token = top_k * (block + rollout) / block."""
+    alpha: FiniteFloat = Field(default=1.0, description="weight of Q against the base log-prob")
+    top_k: Int = Field(default=4, ge=1, description="candidates per step")
+    block: Int = Field(default=16, ge=1, description="tokens per candidate (1: token level, as in the papers)")
 
-        def int_in(name: str, v: Any, lo: int, hi: int) -> None:
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ParamError(f"alignment.{name} must be an integer in [{lo}, {hi}], got {v!r}",
-                                 param=f"alignment.{name}")
+    def check(self, limits) -> None:
+        super().check(limits)
+        need(self.top_k <= limits.max_top_k, "top_k", f"top_k must be <= {limits.max_top_k}")
+        need(self.block <= limits.max_block, "block", f"block must be <= {limits.max_block}")
+        need(0.0 <= self.alpha <= limits.max_alpha, "alpha", f"alpha must be in [0, {limits.max_alpha:g}]")
 
-        def num_in(name: str, v: Any, lo: float, hi: float) -> None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise ParamError(f"alignment.{name} must be a number in [{lo:g}, {hi:g}], got {v!r}",
-                                 param=f"alignment.{name}")
 
-        int_in("top_k", self.top_k, 1, max_top_k)
-        int_in("block", self.block, 1, max_block)
-        int_in("rollout_tokens", self.rollout_tokens, 0, max_roll)
-        num_in("alpha", self.alpha, 0.0, max_alpha)
-        num_in("indirect_coef", self.indirect_coef, 0.0, max_beta)
-        if self.transfer not in TRANSFERS:
-            raise ParamError(f"alignment.transfer must be one of {', '.join(TRANSFERS)}, got {self.transfer!r}",
-                             param="alignment.transfer")
-        if self.baseline is not None and not isinstance(self.baseline, str):
-            raise ParamError("alignment.baseline must be a string", param="alignment.baseline")
-        return self
+class ARGSParams(_SearchParams):
+    """``args``: reward-guided search without rollouts."""
+    method: Literal["args"] = "args"
 
     @property
-    def method(self) -> str:
-        return "args" if self.rollout_tokens == 0 else "transfer_q"
+    def rollout_tokens(self) -> int:
+        return 0
+
+    def knobs(self) -> dict[str, Any]:
+        return {**super().knobs(), "rollout_tokens": 0}
+
+
+class TransferQParams(_SearchParams):
+    """``transfer_q``: Q* of each candidate from rollouts of a baseline aligned model."""
+    method: Literal["transfer_q"] = "transfer_q"
+    rollout_tokens: Int = Field(default=16, ge=0, description="tokens each baseline rollout continues (0: ARGS)")
+    baseline: Text | None = Field(default=None, max_length=128, description="a registered baseline (default: "
+                                  "the one that fits the weights best)")
+    transfer: Literal["auto", "direct", "indirect"] = Field(
+        default="auto", description="direct: Q = target reward; indirect: importance-weighted (another reward)")
+    indirect_coef: FiniteFloat = Field(default=0.5, description="importance-weight temperature (indirect)")
+
+    def check(self, limits) -> None:
+        super().check(limits)
+        need(self.rollout_tokens <= limits.max_rollout_tokens, "rollout_tokens",
+             f"rollout_tokens must be <= {limits.max_rollout_tokens}")
+        need(0.0 <= self.indirect_coef <= limits.max_beta, "indirect_coef",
+             f"indirect_coef must be in [0, {limits.max_beta:g}]")
+
+
+RECOMMENDED_DEFAULTS: dict[str, Any] = {k: TransferQParams.model_fields[k].default
+                                        for k in ("top_k", "block", "rollout_tokens", "alpha")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +264,7 @@ def first_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
     return best
 
 
-def stop_string_cut(gen: Generator, prefix: Sequence[int], ids: Sequence[int],
+def stop_string_cut(gen: Engine, prefix: Sequence[int], ids: Sequence[int],
                     stops: Sequence[str], start: int = 0) -> tuple[list[int], int, str] | None:
     """vLLM's stop-string rule on ``prefix + ids`` (the prefix holds no stop string): the ids up to
     the token that completes the first stop string, where that string starts in the text, and the
@@ -277,15 +282,11 @@ def stop_string_cut(gen: Generator, prefix: Sequence[int], ids: Sequence[int],
 def _block_logprob(c: Completion, n: int | None = None) -> float:
     """Base log-prob of the first ``n`` tokens of ``c`` (all: its cumulative log-prob)."""
     if n is not None and n < len(c.token_ids) and c.logprobs:
-        return sum(float(lp[t]) for t, lp in zip(c.token_ids[:n], c.logprobs[:n]) if t in lp)
+        return sum(float(r.logprob) for r in c.logprobs[:n])
     if c.cumulative_logprob is not None:
         return float(c.cumulative_logprob)
     if c.logprobs:
-        total = 0.0
-        for t, lp in zip(c.token_ids, c.logprobs):
-            if t in lp:
-                total += float(lp[t])
-        return total
+        return sum(float(r.logprob) for r in c.logprobs)
     return 0.0
 
 
@@ -298,207 +299,236 @@ def _baseline_mixture(mixture: Any, aligned_to: Sequence[str], transform: str, c
                caps={o: float(c) for o, c in (caps or {}).items() if o in names})
 
 
+
+def transfer_plan(params: Any, mixture: Any, target: RolloutTarget | None,
+                  objectives: Mapping[str, Any]) -> tuple[str, Any]:
+    """(transfer, baseline mixture): ``"none"`` without rollouts, else direct or indirect
+    (``resolve_transfer``); indirect transfer also scores the rollouts with the baseline's own
+    mixture, which must be usable with the request's transform (ParamError otherwise)."""
+    if params.rollout_tokens <= 0 or target is None:
+        return "none", None
+    transfer = resolve_transfer(params.transfer, mixture.weights, target.aligned_to)
+    if transfer != "indirect":
+        return transfer, None
+    from decoders.rewards import MixtureError
+
+    bl = _baseline_mixture(mixture, list(dict.fromkeys(target.aligned_to)), mixture.transform, mixture.caps)
+    if params.alpha != 0:
+        try:  # e.g. 'standardize' needs calibrated stats for the baseline's objectives too
+            bl.validate(objectives, max_weight=math.inf, require_nonzero=False, param_prefix="alignment.baseline")
+        except MixtureError as e:
+            raise ParamError(str(e), param=e.param) from None
+    return transfer, bl
+
+
 async def _maybe_await(x: Any) -> None:
     if inspect.isawaitable(x):
         await x
 
 
-async def transfer_q_decode(gen: Generator, scorer: Scorer, mixture: Any, objectives: Mapping[str, Any], *,
-                            base_prompt_ids: list[int], rollout_context_ids: list[int], prompt_text: str,
-                            max_tokens: int, temperature: float, top_p: float, seed: int | None,
-                            stop_token_ids: Sequence[int] | None, params: TransferQParams,
-                            baseline_aligned_to: Sequence[str],
-                            on_block: Callable[[str, list[int]], Awaitable[None] | None] | None = None,
-                            baseline_name: str | None = None,
-                            rollout_gen: Generator | None = None,
-                            rollout_params: Mapping[str, Any] | None = None,
-                            stop_strings: Sequence[str] | None = None,
-                            ) -> tuple[Completion, DecodeStats, dict[str, Any]]:
-    """Decode one answer with Transfer Q* (``params.rollout_tokens > 0``) or ARGS (== 0).
+class TransferQSearch:
+    """One answer decoded with Transfer Q* (``params.rollout_tokens > 0``) or ARGS (== 0): the
+    steps a.-e. of the module docstring, one method each.
 
-    ``mixture``: the request's ``decoders.rewards.Mixture`` (None: built from ``params``);
-    ``objectives``: the registered objectives (``build_objectives()``), passed to ``Mixture.combine``.
-    ``stop_token_ids`` must include EOS. ``stop_strings``: the request's ``stop`` (vLLM semantics: the
-    answer ends at the token completing one, its text is cut before it, ``finish_reason`` "stop",
-    ``stop_reason`` the string). ``rollout_context_ids``: the baseline's context
-    (``decoders.baselines.build_rollout_context``). ``rollout_gen``: the generator of a ``model``
-    baseline (None: ``gen``); its prompts are re-tokenized through text with ``rollout_gen.encode``
-    (which must not add special tokens). ``rollout_params``: extra rollout params (a ``lora`` baseline's
-    ``lora_request``). ``on_block(text_delta, token_ids)`` (sync or async) is called once per chosen
-    block. Returns the completion, its cost (``stats.extra["rollout_s"]``: the part of
-    ``generation_s`` spent in rollouts), and receipt extras.
+    ``target``: the baseline's rollout context (``decoders.baselines.prepare_rollout``; None for
+    ARGS). ``stop_token_ids`` must include EOS; the request's ``stop`` strings follow vLLM's
+    semantics (the answer ends at the token completing one, its text is cut before it,
+    ``finish_reason`` "stop", ``stop_reason`` the string). ``on_block(text_delta, token_ids)``
+    (sync or async) is called once per chosen block. Tokens are decoded to text in a worker thread,
+    one batch per step, so a long answer never stalls the event loop.
     """
-    if mixture is None:
-        from decoders.rewards import Mixture
-        mixture = Mixture(weights=dict(params.weights), transform=params.transform, caps=dict(params.caps))
 
-    stats = DecodeStats()
-    stop = set(int(t) for t in (stop_token_ids or ()))
-    stops = [s for s in (stop_strings or ()) if s]
-    hold = max((len(s) for s in stops), default=1) - 1   # chars held back while streaming
-    k = int(params.top_k)
-    block = int(params.block)
-    args_mode = params.rollout_tokens <= 0
-    scoring = params.alpha != 0
-    weights = dict(getattr(mixture, "weights", None) or params.weights)
-    transfer = "none" if args_mode else resolve_transfer(params.transfer, weights, baseline_aligned_to)
-    indirect = transfer == "indirect"
-    target_objs = list(mixture.active())
-    bl_objs = list(dict.fromkeys(baseline_aligned_to)) if indirect else []
-    bl_mixture = (_baseline_mixture(mixture, bl_objs, getattr(mixture, "transform", params.transform),
-                                    getattr(mixture, "caps", None) or params.caps) if bl_objs else None)
-    if bl_mixture is not None and scoring and hasattr(bl_mixture, "validate"):
-        # e.g. 'standardize' needs calibrated stats for the baseline's objectives too
-        bl_mixture.validate(objectives, max_weight=math.inf, require_nonzero=False,
-                            param_prefix="alignment.baseline")
-    needed = list(dict.fromkeys(target_objs + bl_objs))
-    r_gen = rollout_gen if rollout_gen is not None else gen
-    retokenize = rollout_gen is not None and rollout_gen is not gen
-    # Sampled candidate blocks: per-step engine seeds from the request seed; greedy without a seed
-    # uses a fixed one (an unseeded sample would make temperature-0 decoding nondeterministic).
-    cand_seed = seed if seed is not None else (GREEDY_CANDIDATE_SEED if temperature <= 0 else None)
+    def __init__(self, engine: Engine, scorer: Scorer, mixture: Any, objectives: Mapping[str, Any],
+                 params: _SearchParams, *, prompt_ids: list[int], prompt_text: str, max_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] | None = None,
+                 target: RolloutTarget | None = None,
+                 on_block: Callable[[str, list[int]], Awaitable[None] | None] | None = None):
+        self.engine, self.scorer, self.mixture, self.objectives = engine, scorer, mixture, objectives
+        self.params = params
+        self.prompt_ids, self.prompt_text, self.max_tokens = list(prompt_ids), prompt_text, max_tokens
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.stop = set(int(t) for t in stop_token_ids)
+        self.stops = [s for s in (stop_strings or ()) if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1   # chars held back while streaming
+        self.target = target
+        self.on_block = on_block
+        self.k, self.block = int(params.top_k), int(params.block)
+        self.args_mode = params.rollout_tokens <= 0
+        self.scoring = params.alpha != 0
+        self.transfer, self.bl_mixture = transfer_plan(params, mixture, target, objectives)
+        self.indirect = self.transfer == "indirect"
+        self.bl_objs = self.bl_mixture.active() if self.bl_mixture is not None else []
+        self.needed = list(dict.fromkeys(list(mixture.active()) + self.bl_objs))
+        # Sampled candidate blocks: per-step engine seeds from the request seed; greedy without a
+        # seed uses a fixed one (an unseeded sample would make temperature-0 decoding nondeterministic).
+        self.cand_seed = seed if seed is not None else (GREEDY_CANDIDATE_SEED if temperature <= 0 else None)
+        self.stats = DecodeStats()
+        self.out: list[int] = []
+        self.cum_lp = 0.0
+        self.finish: str | None = None
+        self.final_text: str | None = None     # set when a stop string cut the answer's text
+        self.stop_reason: str | None = None
+        self.emitted = 0
+        self.engine_calls = self.scorer_calls = 0
+        self.rollout_s = 0.0
+        self.q_chosen: list[float] = []
+        self.w_chosen: list[float] = []
 
-    out: list[int] = []
-    cum_lp = 0.0
-    finish: str | None = None
-    final_text: str | None = None     # set when a stop string cut the answer's text
-    stop_reason: str | None = None
-    emitted = 0
-    engine_calls = scorer_calls = 0
-    rollout_s = 0.0
-    q_chosen: list[float] = []
-    w_chosen: list[float] = []
+    # -- the loop ---------------------------------------------------------------------------------
 
-    async def engine(g: Generator, prompts: list[list[int]], p: dict[str, Any]) -> list[list[Completion]]:
-        nonlocal engine_calls
+    async def run(self) -> tuple[Completion, DecodeStats, dict[str, Any]]:
+        """Returns the completion, its cost (``stats.extra["rollout_s"]``: the part of
+        ``generation_s`` spent in rollouts) and receipt extras."""
+        step = 0
+        if self.max_tokens <= 0:
+            self.finish = "length"
+        while self.finish is None:
+            remaining = self.max_tokens - len(self.out)
+            if remaining <= 0:
+                self.finish = "length"
+                break
+            step_len = min(self.block, remaining)
+            cands = await self._candidates(step, step_len)
+            self.stats.candidates += len(cands)
+            q, w = await self._q_values(cands, step_len) if self.scoring else (None, None)
+            choice = self._select(cands, q, step, step_len)
+            if q is not None:
+                self.q_chosen.append(q[choice])
+            if w is not None:
+                self.w_chosen.append(w[choice])
+            await self._append(cands[choice], remaining)
+            step += 1
+        text = self.final_text if self.final_text is not None else await self._decode(self.out)
+        completion = Completion(text=text, token_ids=self.out, cumulative_logprob=self.cum_lp,
+                                finish_reason=self.finish, stop_reason=self.stop_reason)
+        return completion, self.stats, self._extras()
+
+    async def _engine(self, prompts: list[list[int]], p: dict[str, Any]) -> list[list[Completion]]:
         t0 = time.perf_counter()
-        res = await g.generate(prompts, p)
-        stats.generation_s += time.perf_counter() - t0
-        engine_calls += 1
+        res = await self.engine.generate(prompts, p)
+        self.stats.generation_s += time.perf_counter() - t0
+        self.engine_calls += 1
         if len(res) != len(prompts):
             raise RuntimeError(f"engine returned {len(res)} results for {len(prompts)} prompts")
         return res
 
-    def candidate(ids: list[int], logprob: float, terminal: bool) -> _Cand:
-        c = _Cand(ids, logprob, terminal)
-        cut = stop_string_cut(gen, out, ids, stops) if stops else None
-        if cut is not None:
-            c.ids, c.stop_cut, c.stop_str = cut[0], cut[1], cut[2]
-            c.terminal = True
-        return c
+    async def _decode(self, ids: list[int]) -> str:
+        return (await self._decode_many([ids]))[0]
 
-    def answer_text(c: _Cand) -> str:
-        """The answer's text if ``c`` were appended (cut before a stop string)."""
-        text = gen.decode(out + c.ids)
-        return text[:c.stop_cut] if c.stop_cut is not None else text
+    async def _decode_many(self, seqs: list[list[int]]) -> list[str]:
+        decode = self.engine.decode
+        return await asyncio.to_thread(lambda: [decode(s) for s in seqs])
 
-    if max_tokens <= 0:
-        finish = "length"
+    # -- a. candidates ----------------------------------------------------------------------------
 
-    step = 0
-    while finish is None:
-        remaining = max_tokens - len(out)
-        if remaining <= 0:
-            finish = "length"
-            break
-        step_len = min(block, remaining)
-        prompt = list(base_prompt_ids) + out
-
-        # a. candidates from the base model
-        cands: list[_Cand] = []
+    async def _candidates(self, step: int, step_len: int) -> list[_Cand]:
+        prompt = self.prompt_ids + self.out
         if step_len == 1:
-            res = await engine(gen, [prompt], {"n": 1, "max_tokens": 1, "temperature": 0.0, "logprobs": k,
-                                               "stop_token_ids": sorted(stop)})
+            res = await self._engine([prompt], {"n": 1, "max_tokens": 1, "temperature": 0.0, "logprobs": self.k,
+                                                "stop_token_ids": sorted(self.stop)})
             comp = res[0][0]
             if not comp.logprobs:
                 raise RuntimeError("engine returned no logprobs for the candidate step (set `logprobs`, and "
                                    "engine max_logprobs >= top_k)")
-            dist = comp.logprobs[0]
+            dist = comp.logprobs[0].as_map()
             ranked = sorted(((int(t), float(lp)) for t, lp in dist.items()), key=lambda x: (-x[1], x[0]))
             ranked = [x for x in ranked if math.isfinite(x[1])] or ranked
-            cands = [candidate([t], lp, t in stop) for t, lp in ranked[:k]]
-            stats.base_tokens += len(cands)
-        else:
-            cp: dict[str, Any] = {"n": k, "max_tokens": step_len, "temperature": 1.0, "top_p": 1.0,
-                                  "seed": step_seed(cand_seed, step), "logprobs": 0,
-                                  "stop_token_ids": sorted(stop)}
-            if stops:
-                cp["stop"] = list(stops)   # saves tokens; the cut itself is re-checked on the decoded text
-            res = await engine(gen, [prompt], cp)
-            index: dict[tuple[int, ...], int] = {}
-            for comp in res[0]:
-                stats.base_tokens += len(comp.token_ids)
-                ids, hit = _cut_at_stop(comp.token_ids[:step_len], stop)
-                if not ids:
-                    continue
-                c = candidate(ids, _block_logprob(comp, len(ids)), hit or comp.finish_reason == "stop")
-                if len(c.ids) < len(ids):   # cut at a stop string
+            cands = [_Cand([t], lp, t in self.stop) for t, lp in ranked[:self.k]]
+            self.stats.base_tokens += len(cands)
+            await self._cut_stop_strings(cands, [None] * len(cands))
+            return cands
+        cp: dict[str, Any] = {"n": self.k, "max_tokens": step_len, "temperature": 1.0, "top_p": 1.0,
+                              "seed": step_seed(self.cand_seed, step), "logprobs": 0,
+                              "stop_token_ids": sorted(self.stop)}
+        if self.stops:
+            cp["stop"] = list(self.stops)   # saves tokens; the cut itself is re-checked on the decoded text
+        res = await self._engine([prompt], cp)
+        cands, comps = [], []
+        for comp in res[0]:
+            self.stats.base_tokens += len(comp.token_ids)
+            ids, hit = _cut_at_stop(comp.token_ids[:step_len], self.stop)
+            if ids:
+                cands.append(_Cand(ids, _block_logprob(comp, len(ids)), hit or comp.finish_reason == "stop"))
+                comps.append(comp)
+        await self._cut_stop_strings(cands, comps)
+        merged: list[_Cand] = []
+        index: dict[tuple[int, ...], int] = {}
+        for c in cands:
+            key = tuple(c.ids)
+            if key in index:
+                # The same block drawn again: one candidate, its count is its base mass (c/k).
+                merged[index[key]].count += 1
+                continue
+            index[key] = len(merged)
+            merged.append(c)
+        if not merged:
+            raise RuntimeError("engine returned no candidate tokens")
+        return merged
+
+    async def _cut_stop_strings(self, cands: list[_Cand], comps: list[Completion | None]) -> None:
+        """Apply vLLM's stop-string rule to each candidate (a hit ends the answer there)."""
+        if not self.stops:
+            return
+        out = list(self.out)
+
+        def cuts():
+            return [stop_string_cut(self.engine, out, c.ids, self.stops) for c in cands]
+
+        for c, comp, cut in zip(cands, comps, await asyncio.to_thread(cuts)):
+            if cut is not None:
+                n_before = len(c.ids)
+                c.ids, c.stop_cut, c.stop_str, c.terminal = cut[0], cut[1], cut[2], True
+                if comp is not None and len(c.ids) < n_before:
                     c.logprob = _block_logprob(comp, len(c.ids))
-                key = tuple(c.ids)
-                if key in index:
-                    # The same block drawn again: one candidate, its count is its base mass (c/k).
-                    cands[index[key]].count += 1
-                    continue
-                index[key] = len(cands)
-                cands.append(c)
-            if not cands:
-                raise RuntimeError("engine returned no candidate tokens")
+
+    # -- b. + c. rollouts and Q --------------------------------------------------------------------
+
+    async def _q_values(self, cands: list[_Cand], step_len: int) -> tuple[list[float], list[float] | None]:
         m = len(cands)
-        stats.candidates += m
+        live = [i for i, c in enumerate(cands) if not c.terminal]
+        roll_n = 0 if self.args_mode else min(int(self.params.rollout_tokens),
+                                              self.max_tokens - len(self.out) - step_len)
+        rolled: dict[int, Completion] = {}
+        if roll_n > 0 and live:
+            rp = {"stop_token_ids": sorted(self.stop), "n": 1, "max_tokens": roll_n, "temperature": 0.0}
+            if self.stops:
+                rp["stop"] = list(self.stops)
+            rp.update(dict(self.target.params or {}))
+            prompts = [list(self.target.context_ids) + self.out + cands[i].ids for i in live]
+            t_roll = time.perf_counter()
+            rres = await self._engine(prompts, rp)
+            self.rollout_s += time.perf_counter() - t_roll
+            for i, comps in zip(live, rres):
+                rolled[i] = comps[0]
+                self.stats.rollouts += 1
+                self.stats.rollout_tokens += len(comps[0].token_ids)
+        seqs = [self.out + c.ids + (list(rolled[i].token_ids) if i in rolled else []) for i, c in enumerate(cands)]
+        texts = await self._decode_many(seqs)
+        for i, c in enumerate(cands):
+            if i in rolled:
+                # The answer would end at a stop string inside the rollout: score it up to there.
+                hit = first_stop(texts[i], self.stops) if self.stops else None
+                texts[i] = texts[i][:hit[0]] if hit is not None else texts[i]
+            elif c.stop_cut is not None:
+                texts[i] = texts[i][:c.stop_cut]
+        t0 = time.perf_counter()
+        raw = await self.scorer.score(self.needed, [self.prompt_text] * m, texts)
+        self.stats.scoring_s += time.perf_counter() - t0
+        self.scorer_calls += 1
+        _, q_t = self.mixture.combine(raw, self.objectives)
+        if self.indirect:
+            _, q_b = self.bl_mixture.combine(raw, self.objectives)
+            q, w = indirect_q(q_t, q_b, self.params.indirect_coef)
+        else:
+            q, w = list(q_t), None
+        if not all(math.isfinite(x) for x in q):
+            raise RuntimeError("non-finite Q value")
+        return q, w
 
-        # b. + c. rollouts and scores
-        q: list[float] | None = None
-        w: list[float] | None = None
-        if scoring:
-            texts: list[str] = [""] * m
-            live = [i for i, c in enumerate(cands) if not c.terminal]
-            roll_n = min(int(params.rollout_tokens), max_tokens - len(out) - step_len) if not args_mode else 0
-            rolled: dict[int, Completion] = {}
-            if roll_n > 0 and live:
-                if retokenize:
-                    r_prompts = [list(rollout_context_ids) + list(r_gen.encode(gen.decode(out + cands[i].ids)))
-                                 for i in live]
-                    rp: dict[str, Any] = {}
-                else:
-                    r_prompts = [list(rollout_context_ids) + out + cands[i].ids for i in live]
-                    rp = {"stop_token_ids": sorted(stop)}
-                rp.update({"n": 1, "max_tokens": roll_n, "temperature": 0.0})
-                if stops:
-                    rp["stop"] = list(stops)
-                rp.update(dict(rollout_params or {}))
-                t_roll = time.perf_counter()
-                rres = await engine(r_gen, r_prompts, rp)
-                rollout_s += time.perf_counter() - t_roll
-                for i, comps in zip(live, rres):
-                    rolled[i] = comps[0]
-                    stats.rollouts += 1
-                    stats.rollout_tokens += len(comps[0].token_ids)
-            for i, c in enumerate(cands):
-                r = rolled.get(i)
-                if r is None:
-                    texts[i] = answer_text(c)
-                else:
-                    if retokenize:
-                        full = gen.decode(out + c.ids) + r.text
-                    else:
-                        full = gen.decode(out + c.ids + list(r.token_ids))
-                    # The answer would end at a stop string inside the rollout: score it up to there.
-                    hit = first_stop(full, stops) if stops else None
-                    texts[i] = full[:hit[0]] if hit is not None else full
-            t0 = time.perf_counter()
-            raw = await scorer.score(needed, [prompt_text] * m, texts)
-            stats.scoring_s += time.perf_counter() - t0
-            scorer_calls += 1
-            _, q_t = mixture.combine(raw, objectives)
-            if indirect:
-                _, q_b = bl_mixture.combine(raw, objectives) if bl_mixture is not None else (None, [0.0] * m)
-                q, w = indirect_q(q_t, q_b, params.indirect_coef)
-            else:
-                q = list(q_t)
-            if not all(math.isfinite(x) for x in q):
-                raise RuntimeError("non-finite Q value")
+    # -- d. select --------------------------------------------------------------------------------
 
-        # d. select
+    def _select(self, cands: list[_Cand], q: list[float] | None, step: int, step_len: int) -> int:
         # A 1-token step's candidates are the deterministic top-k: their base log-prob belongs in the
         # score. A sampled block's candidates are already draws from pi_base: resampling them by
         # exp(alpha*Q) targets pi_base*exp(alpha*Q); their base mass is how often the block was drawn
@@ -506,57 +536,197 @@ async def transfer_q_decode(gen: Generator, scorer: Scorer, mixture: Any, object
         # twice). At alpha == 0 this is sampling the base model's draws. Decided by the step's length,
         # not params.block: with block > 1, a final step with 1 token of budget is a top-k step.
         sel_lp = [c.logprob for c in cands] if step_len == 1 else [math.log(c.count) for c in cands]
-        choice = select_candidate(sel_lp, q, alpha=params.alpha, temperature=temperature,
-                                  top_p=top_p, rng=step_rng(seed, step) if temperature > 0 else None)
-        chosen = cands[choice]
-        if q is not None:
-            q_chosen.append(q[choice])
-        if w is not None:
-            w_chosen.append(w[choice])
+        return select_candidate(sel_lp, q, alpha=self.params.alpha, temperature=self.temperature,
+                                top_p=self.top_p, rng=step_rng(self.seed, step) if self.temperature > 0 else None)
 
-        # e. append, stream, stop
+    # -- e. append, stream, stop --------------------------------------------------------------------
+
+    async def _append(self, chosen: _Cand, remaining: int) -> None:
         ids = chosen.ids[:remaining]
-        out.extend(ids)
-        cum_lp += chosen.logprob
-        stats.steps += 1
-        step += 1
+        self.out.extend(ids)
+        self.cum_lp += chosen.logprob
+        self.stats.steps += 1
+        text = None
         if chosen.terminal and len(ids) == len(chosen.ids):
-            finish = "stop"
+            self.finish = "stop"
             if chosen.stop_cut is not None:
-                final_text = gen.decode(out)[:chosen.stop_cut]
-                stop_reason = chosen.stop_str
-        elif len(out) >= max_tokens:
-            finish = "length"
-        if on_block is not None:
-            text = final_text if final_text is not None else gen.decode(out)
-            if finish is not None:
-                upto = len(text)
-            else:
-                # Hold back what could still become a stop string, and an incomplete multi-byte
-                # character (decoded as U+FFFD) at the end: they are emitted with a later block.
-                upto = len(text) - hold
-                while upto > emitted and text[upto - 1] == "\ufffd":
-                    upto -= 1
-            delta = text[emitted:upto] if upto > emitted else ""
-            emitted = max(emitted, upto)
-            await _maybe_await(on_block(delta, list(ids)))
+                self.final_text = text = (await self._decode(self.out))[:chosen.stop_cut]
+                self.stop_reason = chosen.stop_str
+        elif len(self.out) >= self.max_tokens:
+            self.finish = "length"
+        if self.on_block is None:
+            return
+        if text is None:
+            text = await self._decode(self.out)
+        if self.finish is not None:
+            upto = len(text)
+        else:
+            # Hold back what could still become a stop string, and an incomplete multi-byte
+            # character (decoded as U+FFFD) at the end: they are emitted with a later block.
+            upto = len(text) - self.hold
+            while upto > self.emitted and text[upto - 1] == "\ufffd":
+                upto -= 1
+        delta = text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        await _maybe_await(self.on_block(delta, list(ids)))
 
-    completion = Completion(text=final_text if final_text is not None else gen.decode(out), token_ids=out,
-                            cumulative_logprob=cum_lp, finish_reason=finish, stop_reason=stop_reason)
-    extras: dict[str, Any] = {
-        "method": params.method,
-        "transfer": transfer,
-        "baseline": None if args_mode else baseline_name,
-        "top_k": k, "block": block, "rollout_tokens": 0 if args_mode else int(params.rollout_tokens),
-        "alpha": params.alpha,
-        "engine_calls": engine_calls, "scorer_calls": scorer_calls,
-    }
-    if indirect:
-        extras["indirect_coef"] = params.indirect_coef
-        extras["baseline_objectives"] = bl_objs
-    if q_chosen:
-        extras["mean_q"] = sum(q_chosen) / len(q_chosen)
-    if w_chosen:
-        extras["mean_weight"] = sum(w_chosen) / len(w_chosen)
-    stats.extra.update({"engine_calls": engine_calls, "scorer_calls": scorer_calls, "rollout_s": rollout_s})
-    return completion, stats, extras
+    def _extras(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {
+            "method": "args" if self.args_mode else "transfer_q",
+            "transfer": self.transfer,
+            "baseline": None if self.args_mode or self.target is None else self.target.name,
+            "engine_calls": self.engine_calls, "scorer_calls": self.scorer_calls,
+        }
+        if self.indirect:
+            extras["indirect_coef"] = self.params.indirect_coef
+            extras["baseline_objectives"] = self.bl_objs
+        if self.q_chosen:
+            extras["mean_q"] = sum(self.q_chosen) / len(self.q_chosen)
+        if self.w_chosen:
+            extras["mean_weight"] = sum(self.w_chosen) / len(self.w_chosen)
+        self.stats.extra.update({"engine_calls": self.engine_calls, "scorer_calls": self.scorer_calls,
+                                 "rollout_s": self.rollout_s})
+        return extras
+
+
+# --------------------------------------------------------------------------------------------
+# The methods
+# --------------------------------------------------------------------------------------------
+
+class TransferQReceipt(Receipt):
+    transfer: str | None = None
+    baseline: str | None = None
+    engine_calls: int | None = None
+    scorer_calls: int | None = None
+    baseline_objectives: list[str] | None = None
+    mean_q: float | None = None
+    mean_weight: float | None = None
+
+
+class ARGS(Method):
+    """Reward-guided search without rollouts (Khanov et al. 2024): ``transfer_q`` with ``rollout_tokens: 0``."""
+    name = "args"
+    Params = ARGSParams
+    summary = "Reward-guided search without rollouts (Transfer Q* with rollout_tokens 0)."
+    streams = "blocks"
+
+    async def prepare(self) -> None:
+        self.mixture = self.params.mixture(self.ctx.objectives, self.ctx.limits)
+        self.target: RolloutTarget | None = None
+        if self.params.alpha != 0:
+            # The search picks candidates from raw base log-probs / temperature-1 samples; repetition
+            # penalties have no place in that rule: refuse them rather than drop them silently.
+            for name in ("frequency_penalty", "presence_penalty"):
+                if self.request.sampling.get(name):
+                    raise ParamError(f"`{name}` is not supported by method '{self.name}' (alpha > 0); "
+                                     f"omit it or set it to 0", param=name, code="unsupported_parameter")
+
+    def budget(self) -> Budget:
+        p, n, max_tokens = self.params, self.request.n, self.request.max_tokens
+        if p.alpha == 0:  # base decoding (see decode)
+            return Budget(sequences=n, tokens=n * max_tokens, scores=n, knobs=("n", "max_tokens"))
+        steps = -(-max_tokens // p.block)
+        per_step = (1 if p.block == 1 else p.top_k * p.block) + p.top_k * p.rollout_tokens
+        knobs = ("alignment.top_k", "alignment.rollout_tokens", "max_tokens", "alignment.block") \
+            if p.rollout_tokens else ("alignment.top_k", "max_tokens", "alignment.block")
+        if n > 1 and "top_k" not in p.model_fields_set:  # the request's own knob is `n`
+            knobs = ("n",) + knobs
+        return Budget(sequences=n * p.top_k, tokens=n * steps * per_step, scores=n * (steps * p.top_k + 1),
+                      knobs=knobs)
+
+    async def decode(self) -> AsyncIterator[Event]:
+        if self.params.alpha == 0:
+            async for ev in self._base_decoding():
+                yield ev
+            return
+        req, n = self.request, self.request.n
+        queue: asyncio.Queue = asyncio.Queue()
+        results: dict[int, Any] = {}
+
+        async def search(i: int) -> None:
+            def on_block(text: str, token_ids: list[int]) -> None:
+                queue.put_nowait(Delta(i, text, list(token_ids)))
+
+            seed = req.sampling.get("seed")
+            results[i] = await TransferQSearch(
+                self.ctx.engine, self.ctx.scorer, self.mixture, self.ctx.objectives, self.params,
+                prompt_ids=req.prompt_ids, prompt_text=req.prompt_text, max_tokens=req.max_tokens,
+                temperature=req.sampling["temperature"], top_p=req.sampling["top_p"],
+                seed=None if seed is None else seed + i, stop_token_ids=self.ctx.stop_token_ids,
+                stop_strings=req.sampling.get("stop"), target=self.target, on_block=on_block).run()
+
+        tasks = [asyncio.create_task(search(i)) for i in range(n)]
+        waiter = asyncio.gather(*tasks)
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                waiter.result()  # re-raise a search failure
+                while not queue.empty():
+                    yield queue.get_nowait()
+                break
+        finally:
+            for t in tasks:
+                t.cancel()
+        completions = [results[i][0] for i in range(n)]
+        for i, c in enumerate(completions):
+            yield Finish(i, c.finish_reason or "length")
+        stats = [results[i][1] for i in range(n)]
+        extras = {k: v for k, v in results[0][2].items() if k != "method"}
+        receipt = self.receipt(TransferQReceipt, **extras)
+        receipt.cost = Cost(steps=sum(s.steps for s in stats), candidates=sum(s.candidates for s in stats),
+                            base_tokens=sum(s.base_tokens for s in stats), rollouts=sum(s.rollouts for s in stats),
+                            rollout_tokens=sum(s.rollout_tokens for s in stats))
+        scoring_s = sum(s.scoring_s for s in stats)
+        receipt.timing = Timing(generation_s=round(sum(s.generation_s for s in stats), 4))
+        await score_receipt(self, receipt, {i: c.text for i, c in enumerate(completions)}, aligning=True)
+        receipt.timing.scoring_s = round(scoring_s + (receipt.timing.scoring_s or 0.0), 4)
+        # Added latency (the reward-per-second trade-off) = all scoring (per step and final) + the
+        # baseline rollouts' generation time. The candidate steps themselves are counted as
+        # decoding, so this is a lower bound on what the method adds over plain sampling.
+        receipt.add_latency(scoring_s + sum(s.extra.get("rollout_s", 0.0) for s in stats))
+        yield receipt
+
+    async def _base_decoding(self) -> AsyncIterator[Event]:
+        """alpha = 0: pi_base * exp(0 * Q) is the base distribution (restricted to the top-k at token
+        level): decoded directly, with no rollouts or scoring, so alpha = 0 is exactly base decoding."""
+        sampling = self.request.sampling
+        if self.params.block == 1:
+            sampling = dict(sampling, top_k=self.params.top_k)
+        receipt = self.receipt(TransferQReceipt, note="alpha=0: base decoding, no rollouts",
+                               cost=Cost(steps=0, candidates=0, rollouts=0, rollout_tokens=0))
+        texts: dict[int, str] = {}
+        async for ev in stream_choices(self, sampling, texts):
+            yield ev
+        await score_receipt(self, receipt, texts, aligning=True)
+        yield receipt
+
+
+class TransferQ(ARGS):
+    """Transfer Q* (Chakraborty et al. 2024): Q* from rollouts of a baseline aligned model."""
+    name = "transfer_q"
+    Params = TransferQParams
+    summary = ("Q* of each candidate block estimated by rolling out a baseline aligned model and scoring the "
+               "rollout; direct or indirect (importance-weighted) transfer.")
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.params.alpha == 0 or self.params.rollout_tokens == 0:
+            return  # nothing is rolled out: no baseline is resolved (a server without baselines serves it)
+        req = self.request
+        engine = self.ctx.engine
+        source = req.messages if req.messages is not None else req.prompt_text
+
+        def target() -> RolloutTarget:
+            return prepare_rollout(self.params.baseline, {o: self.mixture.weights[o] for o in self.mixture.active()},
+                                   self.ctx.baselines, source, render_chat=self.ctx.render_chat, encode=engine.encode)
+
+        self.target = await asyncio.to_thread(target)
+        if self.target.generator is not None:  # `kind: model` is refused at config load
+            raise ParamError(f"baseline {self.target.name!r} needs a separately served model, which this server "
+                             f"does not run", param="alignment.baseline", code="baseline_unavailable")
+        transfer_plan(self.params, self.mixture, self.target, self.ctx.objectives)  # refuses an unusable one now

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score", default="sentiment,safety", help="objectives to report")
     args = ap.parse_args(argv)
 
-    from decoders.vas import VAS_CONFIG_ENV, default_value_model_dirs
+    from decoders.vas_processor import VAS_CONFIG_ENV, default_value_model_dirs
 
     if args.value_models:
         models = dict(kv.split("=", 1) for kv in args.value_models.split(","))
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from decoders.prompts import heldout_prompts
     from decoders.rewards import build_objectives
     from decoders.train_value import chat_prompt_ids
-    from decoders.vas import VASLogitsProcessor
-    from server.model_cache import materialize_embedded
+    from decoders.vas_processor import VASLogitsProcessor
+    from decoders.base_model import materialize_embedded
 
     prompts = heldout_prompts(args.prompts, limit=args.limit)
     objectives = build_objectives()

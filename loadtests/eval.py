@@ -12,7 +12,7 @@ Method specs (``--methods``, comma-separated): ``METHOD[:KNOB=VALUE[|VALUE...]].
   are crossed (cartesian product)
 * values are parsed as JSON where possible (``4``, ``0.5``, ``true``), else kept as strings.
 
-Knobs are the method's fields in server/protocol.py ``METHOD_FIELDS`` (weights come from ``--weights``).
+Knobs are the method's params (decoders/registry.py ``knobs``; weights come from ``--weights``).
 Every request goes through the HTTP API with the openai client (`extra_body={"alignment": ...}`),
 non-streamed, at most ``--concurrency`` at a time; configurations run one after another so each one's
 latency is measured alone. A configuration the server rejects with a 400 (e.g. ``vas`` without value
@@ -44,15 +44,7 @@ from typing import Any
 
 from loadtests import check_target
 
-try:
-    from server.protocol import METHOD_FIELDS
-except Exception:  # noqa: BLE001 - server deps not importable: fall back to the documented table
-    _MIX = {"weights", "transform", "caps"}
-    METHOD_FIELDS = {"none": set(_MIX), "best_of_n": _MIX | {"n", "early_pruning", "chunk_tokens", "keep_fraction"},
-                     "vas": {"weights", "beta", "top_k"},
-                     "transfer_q": _MIX | {"alpha", "top_k", "block", "rollout_tokens", "baseline", "transfer",
-                                           "indirect_coef"},
-                     "args": _MIX | {"alpha", "top_k", "block"}}
+from decoders import registry
 
 PARETO_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_METHODS = "none,best_of_n:n=2|4|8,transfer_q:block=8,args:block=8,vas:beta=1|2|4"
@@ -102,8 +94,9 @@ def parse_method_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
     if not parts:
         raise ValueError("empty method spec")
     method, knob_parts = parts[0], parts[1:]
-    if method not in METHOD_FIELDS:
-        raise ValueError(f"unknown method {method!r} in {spec!r}; known: {', '.join(METHOD_FIELDS)}")
+    if method not in registry.methods():
+        raise ValueError(f"unknown method {method!r} in {spec!r}; known: {', '.join(registry.methods())}")
+    takes = registry.knobs(method)
     names, values = [], []
     for kp in knob_parts:
         if "=" not in kp:
@@ -112,9 +105,9 @@ def parse_method_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
         name = name.strip()
         if name in ("weights", "method"):
             raise ValueError(f"{name!r} cannot be set in a method spec (use --weights)")
-        if name not in METHOD_FIELDS[method]:
+        if name not in takes:
             raise ValueError(f"{name!r} is not a knob of {method!r} (it takes: "
-                             f"{', '.join(sorted(METHOD_FIELDS[method] - {'weights'})) or 'nothing'})")
+                             f"{', '.join(k for k in takes if k != 'weights') or 'nothing'})")
         if name in names:
             raise ValueError(f"knob {name!r} given twice in {spec!r}")
         opts = [_value(v.strip()) for v in raw.split("|") if v.strip()]

@@ -29,9 +29,9 @@ from typing import Any
 
 import httpx
 
+from decoders import registry
 from loadtests import check_target
 
-REWARD_METHODS = ("best_of_n", "vas", "transfer_q", "args")
 DEFAULT_WEIGHTS = {"sentiment": 1.0}
 
 
@@ -60,7 +60,7 @@ def build_alignment(method: str | None, alignment: dict | str | None) -> dict | 
     if m == "none" and not extra:
         return None
     out = {"method": m, **{k: v for k, v in extra.items() if k != "method"}}
-    if m in REWARD_METHODS and not out.get("weights"):
+    if registry.needs_weights(m) and not out.get("weights"):
         out["weights"] = dict(DEFAULT_WEIGHTS)
     return out
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--method", default="none", choices=("none",) + REWARD_METHODS)
+    p.add_argument("--method", default="none", choices=list(registry.methods()))
     p.add_argument("--alignment", default=None,
                    help='JSON merged into the alignment object, e.g. \'{"n": 4, "weights": {"brevity": 1}}\'')
     mode = p.add_mutually_exclusive_group()

@@ -6,20 +6,13 @@ baselines) is registered here; requests can only choose among registered names.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def cache_dir() -> Path:
-    """Where materialized models and other derived artifacts live (ALIGNSERVE_CACHE overrides)."""
-    return Path(os.environ.get("ALIGNSERVE_CACHE", Path.home() / ".cache" / "alignserve"))
+from decoders.base_model import DEFAULT_SERVED_NAME, EMBEDDED_MODEL
+from decoders.baselines import BaselineConfig
+from decoders.rewards import ObjectiveConfig
 
 
 class _Strict(BaseModel):
@@ -50,40 +43,6 @@ class EngineConfig(_Strict):
     max_loras: int = Field(default=1, ge=1)
 
 
-class ObjectiveConfig(_Strict):
-    """A reward model registered by name.
-
-    kind: one of the embedded signals (vader, profanity, relevance, brevity, minilm_head) or
-    `hf_classifier` for any Hugging Face sequence-classification reward model in a local dir.
-    """
-    kind: str
-    description: str = ""
-    path: str | None = None
-    batch_size: int = 32
-    device: str = "cpu"
-    label_index: int = 0
-    params: dict[str, Any] = Field(default_factory=dict)
-    # Reference statistics for the transforms; measured on base samples (see decoders/rewards.py).
-    mean: float | None = None
-    std: float | None = None
-    reference: float | None = None
-
-
-class BaselineConfig(_Strict):
-    """A baseline aligned model for Transfer Q*.
-
-    kind `prompted`: the base model steered by a system prompt; `lora`: a LoRA adapter on the
-    base model (`path`: the adapter dir; the engine turns LoRA on for it); `model`: another model
-    served by vLLM -- reserved, not supported yet: a server config naming one is refused at load
-    (decoders/baselines.py::validate_baselines).
-    """
-    kind: Literal["prompted", "lora", "model"] = "prompted"
-    aligned_to: list[str]
-    system_prompt: str | None = None
-    path: str | None = None
-    description: str = ""
-
-
 class LimitsConfig(_Strict):
     """Per-request ranges and server-wide budgets; docs/limits_and_security.md says what happens past each."""
     max_prompt_tokens: int = 1536
@@ -100,6 +59,11 @@ class LimitsConfig(_Strict):
     max_request_bytes: int = 1_000_000
     # Cost budget across concurrent requests, in "sequences" (a best-of-8 request costs 8).
     max_concurrent_cost: int = 256
+    # Work one request may do at most (its method's upper bound, counted before it runs; past either
+    # it is refused with 400 `request_too_costly` naming the knobs): tokens generated across
+    # candidates and rollouts, and texts scored by the reward models.
+    max_request_tokens: int = 65536
+    max_request_scores: int = 4096
     request_timeout_s: float = 300.0
     # One call to the reward deployment (scoring candidates or answers); past it the request fails
     # with 502 `reward_timeout` (never an unscored answer).
@@ -163,13 +127,9 @@ class ServerConfig(_Strict):
         bad registry fails at startup instead of on the first Transfer Q* request."""
         if self.baselines is not None:
             from decoders.baselines import validate_baselines
+            from decoders.rewards import default_objective_configs
 
-            if self.objectives is not None:
-                names = list(self.objectives)
-            else:
-                from decoders.rewards import default_objective_configs
-
-                names = list(default_objective_configs())
+            names = list(self.objectives if self.objectives is not None else default_objective_configs())
             validate_baselines(self.baselines, names)
             if self.engine.enable_lora is False and any(b.kind == "lora" for b in self.baselines.values()):
                 raise ValueError("a `kind: lora` baseline is configured but engine.enable_lora is false")

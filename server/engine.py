@@ -1,12 +1,12 @@
 """The engine deployment: one vLLM v1 ``AsyncLLM`` with continuous batching across requests.
 
 Everything above it talks to it through a small async interface (Ray Serve handle calls):
-  * ``stream(prompt_token_ids, params, request_id)``: an async generator of output chunks,
+  * ``stream(prompt_token_ids, params, request_id)``: an async generator of ``StreamChunk``s,
     one per engine step (DELTA mode), for plain and token-level-steered (VAS) decoding;
   * ``generate(prompts, params, request_id)``: many prompts with the same params as one batch
-    (best-of-N candidates, Transfer Q* rollouts), returning finished completions;
-  * ``info()``, ``check_health()``.
-Chunks and completions are plain dicts (cheap to pickle across Ray).
+    (best-of-N candidates, Transfer Q* rollouts), returning finished ``Completion``s;
+  * ``abort(request_id)``, ``info()``, ``check_health()``.
+Chunks and completions are the small dataclasses of decoders/base.py (cheap to pickle across Ray).
 """
 from __future__ import annotations
 
@@ -21,37 +21,30 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from decoders.base import Completion, StreamChunk, TokenLogprob, TopLogprob
+from decoders.base_model import resolve_model
 from server.config import ServerConfig
-from server.model_cache import resolve_model
 
 logger = logging.getLogger("ray.serve")
 
 _VAS_STATS_WAIT_S = 0.5
 
 
-def _completion_dict(out, prompt_len: int) -> dict[str, Any]:
+def _completion(out) -> Completion:
+    """A vLLM CompletionOutput as the decoders' Completion (raw logprobs, most likely first)."""
     logprobs = None
     if out.logprobs is not None:
         logprobs = []
         for tok, step in zip(out.token_ids, out.logprobs):
             chosen = step.get(tok)
             top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
-            logprobs.append({
-                "id": tok,
-                "logprob": chosen.logprob if chosen is not None else float("-inf"),
-                "token": chosen.decoded_token if chosen is not None else None,
-                "top": [(tid, lp.logprob, lp.decoded_token) for tid, lp in top],
-            })
-    return {
-        "index": out.index,
-        "text": out.text,
-        "token_ids": list(out.token_ids),
-        "cumulative_logprob": out.cumulative_logprob,
-        "logprobs": logprobs,
-        "finish_reason": out.finish_reason,
-        "stop_reason": out.stop_reason,
-        "prompt_tokens": prompt_len,
-    }
+            logprobs.append(TokenLogprob(
+                id=tok, logprob=chosen.logprob if chosen is not None else float("-inf"),
+                token=chosen.decoded_token if chosen is not None else None,
+                top=[TopLogprob(tid, lp.logprob, lp.decoded_token) for tid, lp in top]))
+    return Completion(text=out.text, token_ids=list(out.token_ids), cumulative_logprob=out.cumulative_logprob,
+                      finish_reason=out.finish_reason, logprobs=logprobs, stop_reason=out.stop_reason,
+                      index=out.index)
 
 
 def lora_adapters(config: ServerConfig) -> dict[str, str]:
@@ -148,10 +141,8 @@ class Engine:
                     self.value_model_objectives or "none")
 
     def _vas_processors(self, config: ServerConfig) -> tuple[list, list[str]]:
-        try:
-            from decoders import vas
-        except ImportError:  # VAS not built into this install
-            return [], []
+        from decoders import vas_processor as vas
+
         dirs = config.value_models if config.value_models is not None else vas.default_value_model_dirs()
         if not dirs:
             return [], []
@@ -174,9 +165,10 @@ class Engine:
         return sp, lora
 
     async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
-                     delta: bool = True) -> AsyncIterator[dict]:
-        """Yield {"choices": [chunk, ...], "vas": {index: stats}} per engine step (delta=True), or
-        once with the finished outputs (delta=False: fewer messages for non-streamed requests)."""
+                     delta: bool = True) -> AsyncIterator[StreamChunk]:
+        """One StreamChunk per engine step (delta=True), or once with the finished outputs
+        (delta=False: fewer messages for non-streamed requests); a VAS choice's value-model
+        statistics come with its last chunk."""
         n = params.get("n", 1)
         if n > 1 and params.get("extra_args", {}).get("vas"):
             # VAS keeps per-request value-model state keyed by our request id, so its n choices run
@@ -188,25 +180,24 @@ class Engine:
             yield msg
 
     async def _stream_one(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
-                          index: int | None = None, delta: bool = True) -> AsyncIterator[dict]:
+                          index: int | None = None, delta: bool = True) -> AsyncIterator[StreamChunk]:
         sp, lora = self._sampling_params(params, request_id, delta=delta)
         wants_vas = bool(sp.extra_args and "vas" in sp.extra_args["alignserve"])
-        prompt_len = len(prompt_token_ids)
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sp, request_id,
                                                lora_request=lora):
-                choices = [_completion_dict(c, prompt_len) for c in out.outputs]
+                choices = [_completion(c) for c in out.outputs]
                 if index is not None:
                     for c in choices:
-                        c["index"] = index
-                msg: dict[str, Any] = {"choices": choices}
+                        c.index = index
+                chunk = StreamChunk(outputs=choices)
                 if out.finished and wants_vas:
-                    msg["vas"] = {index or 0: await self._vas_stats(request_id)}
-                yield msg
+                    chunk.vas = {index or 0: await self._vas_stats(request_id)}
+                yield chunk
         finally:
             self._drop_vas_stats(request_id)
 
-    async def _merge_choices(self, prompt_token_ids, params, request_id, n, delta) -> AsyncIterator[dict]:
+    async def _merge_choices(self, prompt_token_ids, params, request_id, n, delta) -> AsyncIterator[StreamChunk]:
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -235,15 +226,16 @@ class Engine:
             for t in tasks:
                 t.cancel()
 
-    async def generate(self, prompts: list[list[int]], params: dict[str, Any], request_id: str) -> list[list[dict]]:
+    async def generate(self, prompts: list[list[int]], params: dict[str, Any],
+                       request_id: str) -> list[list[Completion]]:
         """All prompts at once (the engine batches them); per prompt, its n completions by index."""
-        async def one(i: int, ids: list[int]) -> list[dict]:
+        async def one(i: int, ids: list[int]) -> list[Completion]:
             sp, lora = self._sampling_params(params, f"{request_id}-{i}", delta=False)
             final = None
             async for out in self.llm.generate({"prompt_token_ids": ids}, sp, f"{request_id}-{i}",
                                                lora_request=lora):
                 final = out
-            return sorted((_completion_dict(c, len(ids)) for c in final.outputs), key=lambda c: c["index"])
+            return sorted((_completion(c) for c in final.outputs), key=lambda c: c.index)
 
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
@@ -308,7 +300,8 @@ class EngineDeployment:
         async for msg in self.engine.stream(prompt_token_ids, params, request_id, delta):
             yield msg
 
-    async def generate(self, prompts: list[list[int]], params: dict[str, Any], request_id: str) -> list[list[dict]]:
+    async def generate(self, prompts: list[list[int]], params: dict[str, Any],
+                       request_id: str) -> list[list[Completion]]:
         return await self.engine.generate(prompts, params, request_id)
 
     async def info(self) -> dict[str, Any]:

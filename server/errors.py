@@ -1,7 +1,13 @@
-"""Errors in the OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in the OpenAI error shape, {"error": {"message", "type", "param", "code"}}, and the one
+place where anything raised on a request's path becomes such an error (``as_api_error``)."""
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from decoders.base import AlignmentFailure, ParamError
+
+logger = logging.getLogger("ray.serve")
 
 
 class APIError(Exception):
@@ -54,3 +60,35 @@ class AlignmentFailed(APIError):
 class ServerError(APIError):
     status_code = 500
     type = "server_error"
+
+
+# Exceptions (by class name, as Ray may wrap them) that mean the engine or its replica is gone.
+_UNAVAILABLE = frozenset({"EngineDeadError", "ActorDiedError", "ActorUnavailableError", "RayActorError",
+                          "ReplicaUnavailableError"})
+
+
+def as_api_error(e: BaseException, rid: str | None = None) -> APIError:
+    """The OpenAI-shaped error for an exception of the request path.
+
+    * our own APIErrors, and ParamError (a method refusing a parameter: 400 naming it);
+    * AlignmentFailure: 502 with its code; the message says what failed, not how (the details are
+      in the server log under the request id);
+    * the engine gone (dead engine core, replica replaced): a retryable 503;
+    * anything else is our fault: a 500 whose message names the request id but not the exception.
+    Ray wraps exceptions raised in another replica: the original is its ``cause``.
+    """
+    cause = getattr(e, "cause", None) or e
+    for exc in (e, cause):
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, ParamError):
+            return BadRequest(exc.message, param=exc.param, code=exc.code)
+        if isinstance(exc, AlignmentFailure):
+            return AlignmentFailed(f"{exc.message} (request {rid or 'unknown'})", code=exc.code)
+    if type(cause).__name__ in _UNAVAILABLE or type(e).__name__ in _UNAVAILABLE:
+        # The engine process died (or its replica is gone): Ray Serve's health check replaces the
+        # replica; until then this is a retryable 503, not an internal error.
+        return ServerError("the engine is unavailable; retry later", code="engine_unavailable", status_code=503,
+                           headers={"Retry-After": "10"})
+    return ServerError(f"internal server error (request {rid or 'unknown'}); the details are in the server log",
+                       code="internal_error")

@@ -1,54 +1,46 @@
-"""Adapters from Ray Serve deployment handles to the decoder interfaces (decoders/base.py)."""
+"""The decoders' interfaces (decoders/base.py ``Engine``, ``Scorer``) over Ray Serve deployment handles."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator, Sequence
 
-from decoders.base import Completion
+from decoders.base import AlignmentFailure, Completion, StreamChunk
 
-
-def to_completion(d: dict[str, Any]) -> Completion:
-    logprobs = None
-    if d.get("logprobs") is not None:
-        logprobs = [{tid: lp for tid, lp, _ in step["top"]} | {step["id"]: step["logprob"]} for step in d["logprobs"]]
-    return Completion(text=d["text"], token_ids=d["token_ids"], cumulative_logprob=d.get("cumulative_logprob"),
-                      finish_reason=d.get("finish_reason"), logprobs=logprobs, stop_reason=d.get("stop_reason"),
-                      raw_logprobs=d.get("logprobs"))
+logger = logging.getLogger("ray.serve")
 
 
-class EngineGenerator:
-    """`Generator` over the engine deployment handle (one batched call per `generate`)."""
+class EngineClient:
+    """``Engine`` for one request: every engine request it starts has an id derived from the API
+    request's id (``abort`` stops them all). ``delta``: stream one chunk per engine step (a client
+    that streams) or one chunk at the end (fewer messages for a non-streamed answer)."""
 
-    def __init__(self, engine_handle, tokenizer, request_id: str):
-        self.handle = engine_handle
+    def __init__(self, handle, tokenizer, request_id: str, *, delta: bool = True):
+        self.handle = handle
         self.tokenizer = tokenizer
         self.request_id = request_id
+        self.delta = delta
         self.calls = 0
 
     async def generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[list[Completion]]:
         self.calls += 1
         rid = f"{self.request_id}-{self.calls}-{uuid.uuid4().hex[:6]}"
-        out = await self.handle.generate.remote(prompts, params, rid)
-        return [[to_completion(c) for c in per_prompt] for per_prompt in out]
+        return await self.handle.generate.remote(prompts, params, rid)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    async def stream(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[StreamChunk]:
+        gen = self.handle.options(stream=True).stream.remote(prompt_ids, params, self.request_id, self.delta)
+        async for chunk in gen:
+            yield chunk
+
+    async def abort(self) -> int:
+        return await self.handle.abort.remote(self.request_id)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
-
-
-class RewardScorer:
-    """`Scorer` over the reward deployment handle."""
-
-    def __init__(self, rewards_handle):
-        self.handle = rewards_handle
-
-    async def score(self, objectives: list[str], prompts: list[str], responses: list[str]) -> dict[str, list[float]]:
-        if not responses:
-            return {o: [] for o in objectives}
-        return await self.handle.score.remote(objectives, prompts, responses)
 
 
 class RewardTimeout(Exception):
@@ -57,36 +49,31 @@ class RewardTimeout(Exception):
     a different error."""
 
 
-class TimedRewards:
-    """The reward deployment handle with a deadline on `score.remote(...)`; other methods pass through.
+class RewardClient:
+    """``Scorer`` over the reward deployment: every call bounded by ``limits.reward_timeout_s``
+    (past it the call is cancelled on the reward replica), and every failure an explicit
+    ``AlignmentFailure`` (502 ``reward_timeout`` / ``reward_failed``), never an unscored answer.
+    All scoring of a request goes through it (final answers, best-of-N and Transfer Q* candidates)."""
 
-    The ingress holds this instead of the bare handle, so every scoring path (methods._score, the
-    best-of-N and Transfer Q* scorers) is bounded: past the deadline the call is cancelled on the
-    reward replica and `RewardTimeout` is raised (methods._FailLoudScorer turns it into a 502 `reward_timeout`).
-    """
-
-    def __init__(self, handle, timeout_s: float | None):
-        self._handle = handle
+    def __init__(self, handle, timeout_s: float | None, request_id: str = ""):
+        self.handle = handle
         self.timeout_s = timeout_s
-        self.score = _Deadline(handle.score, timeout_s)
+        self.request_id = request_id
 
-    def __getattr__(self, name: str):
-        return getattr(self._handle, name)
-
-
-class _Deadline:
-    def __init__(self, method, timeout_s: float | None):
-        self._method = method
-        self._timeout_s = timeout_s
-
-    def options(self, **kwargs) -> "_Deadline":
-        return _Deadline(self._method.options(**kwargs), self._timeout_s)
-
-    def remote(self, *args, **kwargs):
-        return _await_with_deadline(self._method.remote(*args, **kwargs), self._timeout_s)
+    async def score(self, objectives: list[str], prompts: list[str], responses: list[str]) -> dict[str, list[float]]:
+        if not responses:
+            return {o: [] for o in objectives}
+        try:
+            return await with_deadline(self.handle.score.remote(objectives, prompts, responses), self.timeout_s)
+        except RewardTimeout as e:
+            raise AlignmentFailure("reward scoring timed out (limits.reward_timeout_s)", code="reward_timeout") from e
+        except Exception as e:  # noqa: BLE001 - any failure of the reward service is an explicit error
+            logger.warning("request %s: reward scoring failed: %r", self.request_id, e)
+            raise AlignmentFailure("reward scoring failed", code="reward_failed") from e
 
 
-async def _await_with_deadline(response, timeout_s: float | None):
+async def with_deadline(response, timeout_s: float | None):
+    """Await a deployment response; past ``timeout_s`` cancel it on the replica and raise RewardTimeout."""
     async def result():
         return await response
 
@@ -98,5 +85,4 @@ async def _await_with_deadline(response, timeout_s: float | None):
         cancel = getattr(response, "cancel", None)  # stop the work on the reward replica too
         if cancel is not None:
             cancel()
-        raise RewardTimeout(f"the reward model did not answer within {timeout_s:g}s "
-                            "(limits.reward_timeout_s)") from None
+        raise RewardTimeout(f"the reward model did not answer within {timeout_s:g}s") from None

@@ -94,6 +94,48 @@ ADDED_LATENCY = Histogram(_name("added_latency_seconds"), "Latency spent on alig
 ALL_METRIC_NAMES = sorted({m._name for m in REGISTRY._collector_to_names})  # noqa: SLF001
 
 
+def record(method: str, outcome, status: int, elapsed_s: float, streamed: bool) -> None:
+    """Observe a finished request: its status and latency, and for a 200 its tokens and, from its
+    receipt, its rewards, gains and cost (``outcome``: server/rendering.py Outcome)."""
+    REQUESTS.labels(method, str(status)).inc()
+    REQUEST_LATENCY.labels(method).observe(elapsed_s)
+    PROMPT_TOKENS.labels(method).inc(outcome.prompt_tokens)
+    if status != 200:
+        return
+    OUTPUT_TOKENS.labels(method).inc(outcome.completion_tokens)
+    # Time to first token only where the client gets tokens as they come (stream: true); a
+    # non-streamed answer arrives whole, and its latency is request_latency_seconds.
+    if outcome.first_token_t is not None and streamed and outcome.started_t is not None:
+        TIME_TO_FIRST_TOKEN.labels(method).observe(outcome.first_token_t - outcome.started_t)
+        n = outcome.completion_tokens
+        if n > 1 and outcome.last_token_t > outcome.first_token_t:
+            INTER_TOKEN_LATENCY.labels(method).observe((outcome.last_token_t - outcome.first_token_t) / (n - 1))
+    if elapsed_s > 0 and outcome.completion_tokens:
+        OUTPUT_TOKENS_PER_SECOND.labels(method).observe(outcome.completion_tokens / elapsed_s)
+    r = outcome.receipt
+    if r is None:
+        return
+    for choice in r.choices or []:
+        for obj, s in choice.rewards.items():
+            REWARD.labels(method, obj).observe(s.raw)
+        if choice.mixed is not None:
+            MIXED_REWARD.labels(method).observe(choice.mixed)
+        if choice.kl_estimate is not None:
+            KL_ESTIMATE.labels(method).observe(choice.kl_estimate)
+    for obj, gain in (r.reward_gain or {}).items():
+        REWARD_GAIN.labels(method, obj).observe(gain)
+    if r.candidate_mean_mixed is not None and r.choices and r.choices[0].mixed is not None:
+        MIXED_REWARD_GAIN.labels(method).observe(r.choices[0].mixed - r.candidate_mean_mixed)
+    cost = r.cost
+    if cost is not None:
+        for counter, value in ((BASE_TOKENS, cost.base_tokens), (CANDIDATES, cost.candidates),
+                               (ROLLOUTS, cost.rollouts), (ROLLOUT_TOKENS, cost.rollout_tokens),
+                               (VALUE_MODEL_STEPS, cost.value_model_steps)):
+            if value:
+                counter.labels(method).inc(value)
+    ADDED_LATENCY.labels(method).observe(r.added_latency_s)
+
+
 def bind_cost_gauges(in_flight: Callable[[], float], budget: float) -> None:
     """Export the ingress' admission budget: `in_flight` is read at every scrape."""
     COST_BUDGET.set(budget)

@@ -5,152 +5,97 @@ and unknown top-level fields are ignored as OpenAI and vLLM do). Their JSON sche
 ``GET /openapi.json`` shows) lists the fields in OpenAI's order: the required ones first
 (``messages``, ``model`` for chat; ``model``, ``prompt`` for completions), then the optional ones
 alphabetically, as OpenAI's reference does, then our extension ``alignment``.
-``alignment`` is validated strictly: unknown keys, unknown methods, or a knob that the chosen
-method does not use are 400s naming the field (e.g. ``alignment.top_k``).
 
-A request converts itself into engine parameters (``to_sampling_params``), each value taken
-in the order: user value -> server default -> OpenAI default.
+``alignment`` is one of the registered methods' params (decoders/registry.py), chosen by its
+``method`` (default ``none``): a discriminated union, validated strictly by the method's own model
+(unknown keys, or a knob the chosen method does not take, are 400s naming the field, e.g.
+``alignment.top_k``). A request converts itself into engine parameters (``to_sampling_params``),
+each value taken in the order: user value -> server default -> OpenAI default.
+
+Responses are typed too: completion, chunk, usage and logprob shapes, with the method's receipt
+(decoders/base.py ``Receipt``) as ``alignment``.
 """
 from __future__ import annotations
 
-import math
 import time
 import uuid
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, SerializeAsAny, Tag, TypeAdapter,
+                      ValidationError, field_serializer, field_validator)
 
+from decoders import registry
+from decoders.base import (Bool, Float, Int, MethodParams, ParamError, Receipt, Text, TokenLogprob, finite,
+                           valid_unicode)
 from server.config import LimitsConfig
-
-# ----------------------------------------------------------------------------- text
-
-def _valid_unicode(v: str) -> str:
-    """JSON may carry lone surrogates (e.g. "\\ud800"), which are not text: the tokenizer and the
-    UTF-8 encoder reject them, so reject them here, naming the field."""
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (it contains a lone surrogate escape)") from None
-    return v
-
-
-# Every request string the server reads (tokenizes, compares or echoes) has this type.
-Text = Annotated[str, AfterValidator(_valid_unicode)]
-# Numbers and booleans are taken as JSON sends them, like OpenAI's API does: no "5" for 5, no
-# true for 1.0 (an int is still a valid float).
-Int = StrictInt
-Float = StrictFloat
-Bool = StrictBool
-
 
 # ----------------------------------------------------------------------------- alignment
 
-METHODS = ("none", "best_of_n", "vas", "transfer_q", "args")
-TRANSFORMS = ("raw", "standardize", "log_sigmoid")
 
-# Which knobs each method reads. Anything else in `alignment` is a 400 naming the field.
-_MIXTURE = {"weights", "transform", "caps"}
-METHOD_FIELDS: dict[str, set[str]] = {
-    # `none` may name a mixture: the answer is then scored and the receipt shows its rewards.
-    "none": set(_MIXTURE),
-    "best_of_n": _MIXTURE | {"n", "early_pruning", "chunk_tokens", "keep_fraction"},
-    "vas": {"weights", "beta", "top_k"},
-    "transfer_q": _MIXTURE | {"alpha", "top_k", "block", "rollout_tokens", "baseline", "transfer", "indirect_coef"},
-    "args": _MIXTURE | {"alpha", "top_k", "block"},
-}
-# Methods that need a non-empty reward mixture.
-REWARD_METHODS = {"best_of_n", "vas", "transfer_q", "args"}
-# Best-of-N candidates when `alignment.n` is not given (server/methods.py generates `a.n or 4`).
-BEST_OF_N_DEFAULT = 4
+def _method_of(v: Any) -> str:
+    if isinstance(v, dict):
+        return v.get("method", "none")
+    return getattr(v, "method", "none")
 
 
-class AlignmentParams(BaseModel):
-    """The `alignment` request extension (sent through the openai client's `extra_body`)."""
-    model_config = ConfigDict(extra="forbid")
+def _drop_nulls(v: Any) -> Any:
+    """``null`` means "the default", as in OpenAI's API: a knob sent as null is as if not sent."""
+    if isinstance(v, dict):
+        return {k: x for k, x in v.items() if x is not None}
+    return v
 
-    method: Literal["none", "best_of_n", "vas", "transfer_q", "args"] = "none"
-    # The reward mixture (shared by every method).
-    weights: dict[Text, Float] | None = None
-    transform: Literal["raw", "standardize", "log_sigmoid"] | None = None
-    caps: dict[Text, Float] | None = None
-    # best_of_n
-    n: Int | None = Field(default=None, ge=1)
-    early_pruning: Bool | None = None
-    chunk_tokens: Int | None = Field(default=None, ge=1)
-    keep_fraction: Float | None = Field(default=None, gt=0.0, le=1.0)
-    # vas
-    beta: Float | None = None
-    # vas, transfer_q, args
-    top_k: Int | None = Field(default=None, ge=1)
-    # transfer_q, args
-    alpha: Float | None = None
-    block: Int | None = Field(default=None, ge=1)
-    rollout_tokens: Int | None = Field(default=None, ge=0)
-    baseline: Text | None = Field(default=None, max_length=128)
-    transfer: Literal["auto", "direct", "indirect"] | None = None
-    indirect_coef: Float | None = None
 
-    @field_validator("weights", "caps")
-    @classmethod
-    def _finite_values(cls, v: dict[str, float] | None, info) -> dict[str, float] | None:
-        if v is None:
-            return v
-        for key, value in v.items():
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{info.field_name}.{key} must be a finite number")
-        return v
+def alignment_type(methods: dict[str, type] | None = None) -> Any:
+    """The ``alignment`` type: the registered methods' params, discriminated by ``method``."""
+    methods = methods if methods is not None else registry.methods()
+    variants = tuple(Annotated[cls.Params, Tag(name)] for name, cls in methods.items())
+    union = Union[variants] if len(variants) > 1 else variants[0]  # type: ignore[valid-type]
+    return Annotated[union, Discriminator(_method_of), BeforeValidator(_drop_nulls)]
 
-    @field_validator("beta", "alpha", "indirect_coef")
-    @classmethod
-    def _finite(cls, v: float | None, info) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError(f"{info.field_name} must be a finite number")
-        return v
 
-    @field_validator("weights", "transform", "caps", "n", "early_pruning", "chunk_tokens", "keep_fraction", "beta",
-                     "top_k", "alpha", "block", "rollout_tokens", "baseline", "transfer", "indirect_coef")
-    @classmethod
-    def _knob_belongs_to_method(cls, v: Any, info) -> Any:
-        """A field validator (not a model validator) so that the error's `param` is the knob itself,
-        e.g. `alignment.rollout_tokens`. `method` is declared first, so it is validated already
-        (if it is invalid, that is the error reported)."""
-        method = info.data.get("method")
-        if v is not None and method is not None and info.field_name not in METHOD_FIELDS[method]:
-            allowed = METHOD_FIELDS[method]
-            raise ValueError(f"`{info.field_name}` is not a parameter of method '{method}' "
-                             f"(it takes: {', '.join(sorted(allowed)) or 'nothing'})")
-        return v
+AlignmentParams = alignment_type()
+_ALIGNMENT = TypeAdapter(AlignmentParams)
 
-    def check_limits(self, limits: LimitsConfig) -> None:
-        """Server-side ranges (configurable, see LimitsConfig). Raises BadRequest."""
-        from server.errors import BadRequest
 
-        def need(ok: bool, field: str, msg: str) -> None:
-            if not ok:
-                raise BadRequest(msg, param=f"alignment.{field}", code="invalid_value")
+def parse_alignment(data: Any) -> MethodParams:
+    """Validate an ``alignment`` object on its own (raises pydantic's ValidationError)."""
+    return _ALIGNMENT.validate_python(data)
 
-        for key, w in (self.weights or {}).items():
-            need(0.0 <= w <= limits.max_weight, f"weights.{key}",
-                 f"weight of '{key}' must be in [0, {limits.max_weight}], got {w}")
-        if self.method in REWARD_METHODS:
-            need(bool(self.weights) and any(w > 0 for w in self.weights.values()), "weights",
-                 f"method '{self.method}' needs `weights` with at least one positive weight")
-        if self.n is not None:
-            need(self.n <= limits.max_best_of_n, "n", f"n must be <= {limits.max_best_of_n}")
-        if self.top_k is not None:
-            need(self.top_k <= limits.max_top_k, "top_k", f"top_k must be <= {limits.max_top_k}")
-        if self.block is not None:
-            need(self.block <= limits.max_block, "block", f"block must be <= {limits.max_block}")
-        if self.rollout_tokens is not None:
-            need(self.rollout_tokens <= limits.max_rollout_tokens, "rollout_tokens",
-                 f"rollout_tokens must be <= {limits.max_rollout_tokens}")
-        if self.beta is not None:
-            need(0.0 <= self.beta <= limits.max_beta, "beta", f"beta must be in [0, {limits.max_beta}]")
-        if self.alpha is not None:
-            need(0.0 <= self.alpha <= limits.max_alpha, "alpha", f"alpha must be in [0, {limits.max_alpha}]")
-        if self.chunk_tokens is not None:
-            need(self.chunk_tokens <= limits.max_tokens, "chunk_tokens", f"chunk_tokens must be <= {limits.max_tokens}")
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "list[str]", "list[int]"})
+
+
+def error_param(loc: tuple | list) -> str | None:
+    """The request parameter of a pydantic error location, as the API names it: ``body`` and the
+    union tags (``str``, ``function-after[...]``, the method name under ``alignment``) dropped."""
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        p = str(part)
+        if (i == 0 and p == "body") or "[" in p or p in _UNION_TAGS:
+            continue
+        if out and out[-1] == "alignment" and p in registry.methods():
+            continue
+        out.append(p)
+    return ".".join(out) or None
+
+
+def describe_error(err: dict[str, Any]) -> tuple[str | None, str]:
+    """(param, message) of one pydantic validation error, as the API reports it."""
+    param = error_param(err.get("loc", ()))
+    msg = err.get("msg", "invalid request")
+    loc = [str(p) for p in err.get("loc", ())]
+    if err.get("type") == "union_tag_invalid" and (param or "").endswith("alignment"):
+        given = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
+        return f"{param}.method", f"unknown method {given!r}; methods: {', '.join(registry.methods())}"
+    if err.get("type") == "extra_forbidden" and "alignment" in loc:
+        i = loc.index("alignment")
+        if i + 2 < len(loc) and loc[i + 1] in registry.methods():
+            method, knob = loc[i + 1], loc[i + 2]
+            takes = [f for f in registry.methods()[method].Params.model_fields if f != "method"]
+            return param, f"`{knob}` is not a parameter of method '{method}' (it takes: {', '.join(takes) or 'nothing'})"
+    if err.get("type") == "missing":
+        return param, f"missing required parameter: {param}" if param else "request body is missing"
+    return param, f"{param}: {msg}" if param else msg
 
 
 # ----------------------------------------------------------------------------- requests
@@ -173,7 +118,7 @@ class ChatMessage(BaseModel):
             for part in v:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts are supported")
-                _valid_unicode(part["text"])
+                valid_unicode(part["text"])
         return v
 
     def text(self) -> str:
@@ -181,12 +126,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part["text"] for part in self.content)
 
 
 def _openai_order(schema: dict[str, Any], cls: type) -> None:
@@ -216,7 +156,7 @@ class _SamplingRequest(BaseModel):
     top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
     user: Text | None = Field(default=None, max_length=256)
     # The one namespaced extension.
-    alignment: AlignmentParams | None = None
+    alignment: AlignmentParams | None = None  # type: ignore[valid-type]
 
     @field_validator("stream_options")
     @classmethod
@@ -240,9 +180,12 @@ class _SamplingRequest(BaseModel):
     @field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+        return finite(v)
+
+    @field_validator("alignment", mode="before")
+    @classmethod
+    def _default_method(cls, v: Any) -> Any:
+        return {} if v is None else v
 
     # Overridden by each request type.
     def requested_max_tokens(self) -> int | None:
@@ -253,27 +196,24 @@ class _SamplingRequest(BaseModel):
 
     @property
     def method(self) -> str:
-        return self.alignment.method if self.alignment else "none"
+        return self.params.method
+
+    @property
+    def params(self) -> MethodParams:
+        """The method's params (a request without ``alignment`` is method ``none`` with its defaults)."""
+        return self.alignment if self.alignment is not None else parse_alignment({})
 
     def check_limits(self, limits: LimitsConfig) -> None:
-        from server.errors import BadRequest
-
+        """Server-side ranges (configurable, see LimitsConfig). Raises ParamError naming the field."""
         max_tokens = self.requested_max_tokens()
         if max_tokens is not None and max_tokens > limits.max_tokens:
             param = "max_completion_tokens" if getattr(self, "max_completion_tokens", None) else "max_tokens"
-            raise BadRequest(f"{param} must be <= {limits.max_tokens}, got {max_tokens}", param=param,
-                             code="invalid_value")
+            raise ParamError(f"{param} must be <= {limits.max_tokens}, got {max_tokens}", param=param)
         if (self.n or 1) > limits.max_n:
-            raise BadRequest(f"n must be <= {limits.max_n}", param="n", code="invalid_value")
+            raise ParamError(f"n must be <= {limits.max_n}", param="n")
         if (self.n or 1) > 1 and self.temperature == 0 and self.method != "best_of_n":
-            raise BadRequest("n > 1 needs temperature > 0 (greedy decoding gives n identical choices)",
-                             param="n", code="invalid_value")
-        if self.alignment:
-            self.alignment.check_limits(limits)
-            candidates = self.alignment.n or BEST_OF_N_DEFAULT
-            if self.alignment.method == "best_of_n" and (self.n or 1) > candidates:
-                raise BadRequest(f"n ({self.n or 1}) must not exceed alignment.n, the number of candidates "
-                                 f"({candidates})", param="alignment.n", code="invalid_value")
+            raise ParamError("n > 1 needs temperature > 0 (greedy decoding gives n identical choices)", param="n")
+        self.params.check(limits)
 
     def to_sampling_params(self, limits: LimitsConfig, prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
         """vllm.SamplingParams kwargs: user value -> server default -> OpenAI default."""
@@ -312,12 +252,6 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("top_logprobs requires logprobs: true")
         return v
 
-    @model_validator(mode="after")
-    def _text_messages(self) -> "ChatCompletionRequest":
-        for m in self.messages:
-            m.text()
-        return self
-
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -325,6 +259,10 @@ class ChatCompletionRequest(_SamplingRequest):
         if not self.logprobs:
             return None
         return self.top_logprobs or 0
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them (``developer`` is the newer name of ``system``)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class CompletionRequest(_SamplingRequest):
@@ -384,15 +322,171 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+def _clamp(lp: float) -> float:
+    return max(lp, -9999.0)  # OpenAI's floor for -inf (JSON has no infinity)
+
+
+class TopLogprobEntry(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+    @classmethod
+    def of(cls, token: str | None, logprob: float) -> "TopLogprobEntry":
+        token = token or ""
+        return cls(token=token, logprob=_clamp(logprob), bytes=list(token.encode("utf-8")))
+
+
+class ChatLogprobEntry(TopLogprobEntry):
+    top_logprobs: list[TopLogprobEntry]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobEntry]
+
+    @classmethod
+    def of(cls, records: list[TokenLogprob], k: int) -> "ChatLogprobs":
+        entries = []
+        for r in records:
+            top = [TopLogprobEntry.of(t.token, t.logprob) for t in r.top[:k]]
+            base = TopLogprobEntry.of(r.token, r.logprob)
+            entries.append(ChatLogprobEntry(token=base.token, logprob=base.logprob, bytes=base.bytes, top_logprobs=top))
+        return cls(content=entries)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, records: list[TokenLogprob], k: int, start_offset: int = 0) -> "CompletionLogprobs":
+        tokens = [r.token or "" for r in records]
+        offsets, pos = [], start_offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return cls(tokens=tokens, token_logprobs=[_clamp(r.logprob) for r in records],
+                   top_logprobs=[{t.token or "": _clamp(t.logprob) for t in r.top[:k]} for r in records],
+                   text_offset=offsets)
+
+
+class _WithReceipt(BaseModel):
+    # The method's receipt (its own subclass: serialized with its fields, None fields left out).
+    alignment: SerializeAsAny[Receipt] | None = None
+
+    @field_serializer("alignment")
+    def _receipt(self, r: Receipt | None) -> dict[str, Any] | None:
+        return None if r is None else r.wire()
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body, OpenAI's fields first; ``alignment`` last, where the method produced a receipt."""
+        d = self.model_dump()
+        receipt = d.pop("alignment", None)
+        if receipt is not None:
+            d["alignment"] = receipt
+        return d
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_WithReceipt):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_WithReceipt):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_WithReceipt):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_WithReceipt):
+    """A streamed completion chunk (OpenAI streams ``text_completion`` objects)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "alignserve"
     root: str | None = None
+    parent: str | None = None
     max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class MethodCard(BaseModel):
+    """A registered method, as GET /v1/alignment/objectives lists it."""
+    name: str
+    summary: str
+    streams: str
+    knobs: dict[str, Any]
+
+
+def method_cards() -> list[MethodCard]:
+    cards = []
+    for name, cls in registry.methods().items():
+        knobs = {f: (None if info.is_required() else info.get_default(call_default_factory=True))
+                 for f, info in cls.Params.model_fields.items() if f != "method"}
+        cards.append(MethodCard(name=name, summary=cls.summary, streams=cls.streams, knobs=knobs))
+    return cards
+
+
+__all__ = ["AlignmentParams", "ChatCompletionRequest", "CompletionRequest", "ValidationError", "parse_alignment"]

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     from server.config import ServerConfig
-    from server.model_cache import resolve_model
+    from decoders.base_model import resolve_model
 
     # Materialize the model before Ray starts, so its log line is visible and replicas reuse it.
     resolve_model(ServerConfig.model_validate(config).model)

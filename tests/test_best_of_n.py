@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from decoders.base import Completion
+from decoders.base import Completion, TokenLogprob
 from decoders.best_of_n import BestOfNParams, _grow, best_of_n, candidate_seed
 from decoders.rewards import Mixture, Objective, select_top
 
@@ -61,12 +61,11 @@ class SeqGen:
                 pos, s = min(hits)
                 new, text, finish, stop_reason = new[:j], t[:pos], "stop", s
                 break
-        lp = raw = None
+        lp = None
         if params.get("logprobs") is not None:
-            lp = [{t: -0.1 * (t + 1)} for t in new]
-            raw = [{"id": t, "logprob": -0.1 * (t + 1), "token": WORDS[t], "top": []} for t in new]
+            lp = [TokenLogprob(t, -0.1 * (t + 1), WORDS[t], []) for t in new]
         return Completion(text=text, token_ids=list(new), cumulative_logprob=sum(-0.1 * (t + 1) for t in new),
-                          finish_reason=finish, logprobs=lp, stop_reason=stop_reason, raw_logprobs=raw)
+                          finish_reason=finish, logprobs=lp, stop_reason=stop_reason)
 
     def decode(self, ids):
         return words(ids)
@@ -92,10 +91,16 @@ MIXTURE = Mixture(weights={"sentiment": 1.0})
 OBJECTIVES = {"sentiment": Objective("sentiment", lambda p, r: [0.0] * len(r))}
 
 
+def P(n_candidates: int, n_return: int = 1, **kw):
+    """Best-of-N knobs, and how many of the best the request returns (OpenAI `n`)."""
+    return BestOfNParams(weights={"sentiment": 1.0}, n=n_candidates, **kw), n_return
+
+
 def run_bon(gen, scorer, params, **sampling):
+    params, n_return = params
     s = {"max_tokens": 4, "temperature": 1.0, "top_p": 1.0, "seed": None, **sampling}
     return asyncio.run(best_of_n(gen, scorer, MIXTURE, OBJECTIVES, prompt_ids=list(PROMPT), prompt_text="p",
-                                 sampling=s, params=params))
+                                 sampling=s, params=params, n_return=n_return))
 
 
 # --- plain best-of-N -----------------------------------------------------------------------------
@@ -103,7 +108,7 @@ def run_bon(gen, scorer, params, **sampling):
 def test_plain_returns_top_n_of_N_best_first():
     seqs = [[3, 3, 3, 3], [1, 1, 3, 3], [2, 3, 3, 3], [1, 5, 3, 3], [1, 3, 3, 3]]   # 0, 2, -1, 1.5, 1
     gen, scorer = SeqGen(seqs), CountScorer()
-    chosen, stats, extras = run_bon(gen, scorer, BestOfNParams(n_candidates=5, n_return=3), seed=3)
+    chosen, stats, extras = run_bon(gen, scorer, P(n_candidates=5, n_return=3), seed=3)
     assert [c.completion.token_ids for c in chosen] == [seqs[1], seqs[3], seqs[4]]
     assert [c.mixed for c in chosen] == [2.0, 1.5, 1.0] and chosen[0].raw == {"sentiment": 2.0}
     # one batched engine call with n = N and the request's params; one scorer call
@@ -115,7 +120,7 @@ def test_plain_returns_top_n_of_N_best_first():
 
 def test_ties_go_to_the_lower_index_as_in_select_top():
     seqs = [[3, 3], [1, 3], [3, 1], [2, 2]]                     # scores 0, 1, 1, -2
-    chosen, _, _ = run_bon(SeqGen(seqs), CountScorer(), BestOfNParams(n_candidates=4, n_return=4), max_tokens=2)
+    chosen, _, _ = run_bon(SeqGen(seqs), CountScorer(), P(n_candidates=4, n_return=4), max_tokens=2)
     assert [c.completion.token_ids for c in chosen] == [[1, 3], [3, 1], [3, 3], [2, 2]]
     assert select_top([0.0, 1.0, 1.0, -2.0], 4) == [1, 2, 0, 3]
     assert select_top([float("nan"), 1.0], 2) == [1, 0]        # NaN ranks last
@@ -123,7 +128,7 @@ def test_ties_go_to_the_lower_index_as_in_select_top():
 
 def test_early_pruning_not_used_when_nothing_to_prune():
     gen = SeqGen([[1, 1], [3, 3]])
-    run_bon(gen, CountScorer(), BestOfNParams(n_candidates=2, n_return=2, early_pruning=True, chunk_tokens=1),
+    run_bon(gen, CountScorer(), P(n_candidates=2, n_return=2, early_pruning=True, chunk_tokens=1),
             max_tokens=2)
     assert len(gen.calls) == 1 and gen.calls[0][1]["max_tokens"] == 2
 
@@ -137,7 +142,7 @@ PRUNE_SEQS = [[1, 1, 3, 3, 3, 3, 3], [1, 3, 2, 2, 3, 3, 3], [3, 3, 1, 1, 1, 3, 3
 
 def test_pruning_keeps_the_best_fraction_each_round_within_the_budget():
     gen, scorer = SeqGen(PRUNE_SEQS), CountScorer()
-    params = BestOfNParams(n_candidates=8, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
+    params = P(n_candidates=8, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
     chosen, stats, extras = run_bon(gen, scorer, params, max_tokens=7)
     # round 0: all 8 first chunks scored, the best 4 continue (ties by index): 0 (2), 6 (2), 1 (1), 4 (1)
     assert [len(c) for c in scorer.calls] == [8, 4, 2]
@@ -160,7 +165,7 @@ def test_pruning_keeps_the_best_fraction_each_round_within_the_budget():
 def test_finished_candidates_compete_and_are_never_continued():
     seqs = [[1, 5, 0], [1, 3, 3, 3, 3], [3, 3, 3, 3, 3], [2, 3, 3, 3, 3], [3, 2, 3, 3, 3]]
     gen, scorer = SeqGen(seqs), CountScorer()
-    params = BestOfNParams(n_candidates=5, n_return=1, early_pruning=True, chunk_tokens=3, keep_fraction=0.5)
+    params = P(n_candidates=5, n_return=1, early_pruning=True, chunk_tokens=3, keep_fraction=0.5)
     chosen, stats, extras = run_bon(gen, scorer, params, max_tokens=5)
     # candidate 0 ended (EOS) in the first chunk: never in a continuation prompt
     for prompts, _ in gen.calls[1:]:
@@ -175,14 +180,14 @@ def test_finished_candidates_compete_and_are_never_continued():
 
 def test_pruning_keeps_at_least_n_return_candidates():
     gen, scorer = SeqGen(PRUNE_SEQS), CountScorer()
-    params = BestOfNParams(n_candidates=8, n_return=3, early_pruning=True, chunk_tokens=2, keep_fraction=0.25)
+    params = P(n_candidates=8, n_return=3, early_pruning=True, chunk_tokens=2, keep_fraction=0.25)
     chosen, _, _ = run_bon(gen, scorer, params, max_tokens=7)
     assert len(gen.calls[1][0]) == 3 and len(chosen) == 3
     assert [c.mixed for c in chosen] == sorted((c.mixed for c in chosen), reverse=True)
 
 
 def test_pruning_seeds_differ_per_candidate_and_round_and_reproduce():
-    params = BestOfNParams(n_candidates=8, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
+    params = P(n_candidates=8, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
     a, b = SeqGen(PRUNE_SEQS), SeqGen(PRUNE_SEQS)
     run_bon(a, CountScorer(), params, max_tokens=7, seed=11)
     run_bon(b, CountScorer(), params, max_tokens=7, seed=11)
@@ -203,7 +208,7 @@ def test_pruning_seeds_differ_per_candidate_and_round_and_reproduce():
 def test_pruning_keeps_vllm_text_without_the_trimmed_stop_string():
     seqs = [[1, 1, 3, 2, 3, 3], [3, 3, 3, 3, 3, 3], [2, 2, 3, 3, 3, 3]]
     gen = SeqGen(seqs)
-    params = BestOfNParams(n_candidates=3, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
+    params = P(n_candidates=3, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
     chosen, _, _ = run_bon(gen, CountScorer(), params, max_tokens=6, stop=["bad"])
     c = chosen[0].completion
     # the engine stopped at "bad" and trimmed it; re-decoding all ids would bring "bad " back
@@ -214,7 +219,7 @@ def test_pruning_keeps_vllm_text_without_the_trimmed_stop_string():
 def test_pruning_cuts_a_stop_string_spanning_the_chunk_boundary():
     seqs = [[1, 1, 3, 3, 3, 3], [3, 3, 3, 3, 3, 3], [2, 2, 3, 3, 3, 3]]
     gen = SeqGen(seqs)
-    params = BestOfNParams(n_candidates=3, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
+    params = P(n_candidates=3, n_return=1, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
     chosen, _, _ = run_bon(gen, CountScorer(), params, max_tokens=6, stop=["good ok"])
     c = chosen[0].completion
     # "good good " | "ok ok ..." : the engine only saw "ok ok ...", the decoder cuts like vLLM would
@@ -223,23 +228,22 @@ def test_pruning_cuts_a_stop_string_spanning_the_chunk_boundary():
 
 def test_pruning_keeps_requested_logprobs():
     gen = SeqGen(PRUNE_SEQS)
-    params = BestOfNParams(n_candidates=8, n_return=2, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
+    params = P(n_candidates=8, n_return=2, early_pruning=True, chunk_tokens=2, keep_fraction=0.5)
     chosen, _, _ = run_bon(gen, CountScorer(), params, max_tokens=7, logprobs=0)
     for sc in chosen:
         c = sc.completion
-        assert c.raw_logprobs is not None and [r["id"] for r in c.raw_logprobs] == c.token_ids
-        assert len(c.logprobs) == len(c.token_ids)
+        assert c.logprobs is not None and [r.id for r in c.logprobs] == c.token_ids
         assert c.cumulative_logprob == pytest.approx(sum(-0.1 * (t + 1) for t in c.token_ids))
 
 
 def test_grow_truncates_to_the_budget():
     gen = SeqGen([])
     c = Completion(text="good ", token_ids=[1], finish_reason="length", cumulative_logprob=-0.2,
-                   logprobs=[{1: -0.2}], raw_logprobs=[{"id": 1}])
+                   logprobs=[TokenLogprob(1, -0.2, "good ", [])])
     nxt = Completion(text="bad ok meh ", token_ids=[2, 3, 4], finish_reason="stop", cumulative_logprob=-1.2,
-                     logprobs=[{2: -0.3}, {3: -0.4}, {4: -0.5}], raw_logprobs=[{"id": 2}, {"id": 3}, {"id": 4}])
+                     logprobs=[TokenLogprob(t, lp, WORDS[t], []) for t, lp in ((2, -0.3), (3, -0.4), (4, -0.5))])
     g = _grow(gen, c, nxt, 2, [])
     assert g.token_ids == [1, 2, 3] and g.text == "good bad ok " and g.finish_reason == "length"
-    assert g.cumulative_logprob == pytest.approx(-0.9) and [r["id"] for r in g.raw_logprobs] == [1, 2, 3]
+    assert g.cumulative_logprob == pytest.approx(-0.9) and [r.id for r in g.logprobs] == [1, 2, 3]
     g = _grow(gen, c, nxt, 5, [])
     assert g.text == "good bad ok meh " and g.finish_reason == "stop" and g.cumulative_logprob == pytest.approx(-1.4)

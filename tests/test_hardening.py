@@ -80,23 +80,11 @@ def _sse(lines) -> list:
 
 # ============================================================================ unit: no server
 
-def _fake_ctx(timeout_s: float, aborted: list):
-    from server.app import _Context
-    from server.config import ServerConfig
-
-    async def _abort(rid):
-        aborted.append(rid)
-
-    ingress = SimpleNamespace(config=ServerConfig.model_validate({"limits": {"request_timeout_s": timeout_s}}),
-                              _abort=_abort)
-    return _Context(ingress, SimpleNamespace(method="none"), "cmpl-test", "text", [1], "p", None, {}, None)
-
-
 def test_stream_deadline_applies_while_the_stream_is_silent():
-    """A stream that stops producing items still times out on time: error event, [DONE], released."""
-    from server.app import _Once, _with_release
+    """A stream that stops producing items still times out on time: error event, [DONE], closed."""
+    from server.rendering import DONE, sse, with_deadline
 
-    aborted, released, closed = [], [], []
+    timeouts, closed = [], []
 
     async def silent():
         try:
@@ -106,48 +94,52 @@ def test_stream_deadline_applies_while_the_stream_is_silent():
         finally:
             closed.append(True)
 
-    async def main():
-        ctx = _fake_ctx(0.3, aborted)
-        t0 = time.perf_counter()
-        out = [c async for c in _with_release(silent(), _Once(lambda: released.append(1)), ctx, t0)]
-        return out, time.perf_counter() - t0, ctx
+    async def on_timeout():
+        timeouts.append(True)
+        return sse({"error": {"type": "timeout_error", "code": "timeout"}})
 
-    out, elapsed, ctx = asyncio.run(main())
+    async def main():
+        t0 = time.perf_counter()
+        out = [c async for c in with_deadline(silent(), t0 + 0.3, on_timeout)]
+        return out, time.perf_counter() - t0
+
+    out, elapsed = asyncio.run(main())
     assert out[0] == b"data: first\n\n"
     err = json.loads(out[1].decode()[6:])["error"]
     assert err["type"] == "timeout_error" and err["code"] == "timeout"
-    assert out[-1] == b"data: [DONE]\n\n" and len(out) == 3
+    assert out[-1] == DONE and len(out) == 3
     assert elapsed < 1.5, elapsed
-    assert released == [1] and closed == [True] and aborted == ["cmpl-test"]
-    assert ctx._status == 504
+    assert timeouts == [True] and closed == [True]
 
 
-def test_stream_that_finishes_releases_once_and_aborts_nothing():
-    from server.app import _Once, _with_release
+def test_stream_that_finishes_ends_without_a_timeout():
+    from server.rendering import with_deadline
 
-    aborted, released = [], []
+    timeouts = []
 
     async def fine():
         for i in range(3):
             yield f"data: {i}\n\n".encode()
 
-    async def main():
-        ctx = _fake_ctx(5, aborted)
-        return [c async for c in _with_release(fine(), _Once(lambda: released.append(1)), ctx, time.perf_counter())]
+    async def on_timeout():
+        timeouts.append(True)
+        return b""
 
-    assert len(asyncio.run(main())) == 3
-    assert released == [1] and aborted == []
+    async def main():
+        return [c async for c in with_deadline(fine(), time.perf_counter() + 5, on_timeout)]
+
+    assert len(asyncio.run(main())) == 3 and timeouts == []
 
 
 def _gate_app(monkeypatch, limit: int, keys: list[str] = (), metrics_auth: bool = False):
     """The gate middleware in front of an app that records what reached it."""
     import hashlib
 
-    from server import app as appmod
+    from server import gate
 
-    monkeypatch.setattr(appmod._GATE, "max_request_bytes", limit)
-    monkeypatch.setattr(appmod._GATE, "api_keys", [hashlib.sha256(k.encode()).digest() for k in keys])
-    monkeypatch.setattr(appmod._GATE, "metrics_require_auth", metrics_auth)
+    monkeypatch.setattr(gate.GATE, "max_request_bytes", limit)
+    monkeypatch.setattr(gate.GATE, "api_keys", [hashlib.sha256(k.encode()).digest() for k in keys])
+    monkeypatch.setattr(gate.GATE, "metrics_require_auth", metrics_auth)
     seen = []
 
     async def inner(scope, receive, send):
@@ -161,7 +153,7 @@ def _gate_app(monkeypatch, limit: int, keys: list[str] = (), metrics_auth: bool 
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    return appmod._GateMiddleware(inner), seen
+    return gate.GateMiddleware(inner), seen
 
 
 def test_gate_limits_body_size_before_parsing(monkeypatch):
@@ -342,8 +334,9 @@ def test_every_deployment_drains_on_graceful_shutdown():
 
 
 def test_api_key_file_missing_or_empty_fails_closed(tmp_path, monkeypatch):
-    from server.app import _load_api_keys
     from server.config import ServerConfig
+    from server.gate import configure
+    from server.gate import load_api_keys as _load_api_keys
 
     monkeypatch.delenv("ALIGNSERVE_API_KEYS", raising=False)
     monkeypatch.delenv("ALIGNSERVE_API_KEYS_FILE", raising=False)
@@ -362,6 +355,9 @@ def test_api_key_file_missing_or_empty_fails_closed(tmp_path, monkeypatch):
     good.write_text("# keys\nk1\n  k2  \n")
     assert _load_api_keys(ServerConfig(api_keys_file=str(good))) == ["k1", "k2"]
     assert _load_api_keys(ServerConfig()) == []  # nothing configured: open, as documented
+    # /metrics behind auth with no key to check would be open after all: refuse to start instead.
+    with pytest.raises(RuntimeError, match="metrics_require_auth"):
+        configure(ServerConfig(metrics_require_auth=True))
 
 
 class _SlowMethod:
@@ -387,53 +383,41 @@ class _SlowMethod:
         return self.result
 
 
-def _reward_ctx(delay: float, timeout_s: float):
-    from server.handles import TimedRewards
-
-    handle = SimpleNamespace(score=_SlowMethod(delay, {"sentiment": [0.5]}), inject_faults="passthrough")
-    ingress = SimpleNamespace(rewards=TimedRewards(handle, timeout_s), objectives={})
-    mixture = SimpleNamespace(active=lambda: ["sentiment"])
-    return SimpleNamespace(ingress=ingress, mixture=mixture, prompt_text="p", method="best_of_n"), handle
-
-
 def test_reward_calls_time_out_as_an_explicit_alignment_error():
-    from server import metrics, methods
-    from server.app import _as_api_error
-    from server.errors import AlignmentFailed
-    from server.handles import RewardTimeout
+    from decoders.base import AlignmentFailure
+    from server.errors import as_api_error
+    from server.handles import RewardClient, RewardTimeout, with_deadline
 
-    def failures() -> float:
-        v = metrics.REGISTRY.get_sample_value("alignserve_alignment_failures_total",
-                                              {"method": "best_of_n", "component": "reward"})
-        return v or 0.0
-
-    # The deadline itself: the call is cancelled on the replica; other methods pass through.
-    ctx, handle = _reward_ctx(delay=5, timeout_s=0.2)
+    # The deadline itself: the call is cancelled on the replica.
+    slow = _SlowMethod(5, {"sentiment": [0.5]})
     t = time.perf_counter()
     with pytest.raises(RewardTimeout):
-        asyncio.run(ctx.ingress.rewards.score.remote(["sentiment"], ["p"], ["t"]))
-    assert time.perf_counter() - t < 2 and handle.score.cancelled
-    assert ctx.ingress.rewards.inject_faults == "passthrough"
-    fast, _ = _reward_ctx(delay=0, timeout_s=5)
-    assert asyncio.run(fast.ingress.rewards.score.remote(["sentiment"], ["p"], ["t"])) == {"sentiment": [0.5]}
+        asyncio.run(with_deadline(slow.remote(), 0.2))
+    assert time.perf_counter() - t < 2 and slow.cancelled
+    fast = SimpleNamespace(score=_SlowMethod(0, {"sentiment": [0.5]}))
+    assert asyncio.run(RewardClient(fast, 5).score(["sentiment"], ["p"], ["t"])) == {"sentiment": [0.5]}
 
-    # Through methods._score (method none with a mixture, Transfer Q*'s final scores).
-    before = failures()
-    ctx, _ = _reward_ctx(delay=5, timeout_s=0.2)
-    with pytest.raises(AlignmentFailed) as e:
-        asyncio.run(methods._score(ctx, ["t"]))
-    assert e.value.code == "reward_timeout" and e.value.status_code == 502
-    assert e.value.body()["error"]["type"] == "alignment_error"
-    assert failures() == before + 1
+    # Every scoring path goes through RewardClient: a timeout is a 502 reward_timeout.
+    hung = SimpleNamespace(score=_SlowMethod(5, {"sentiment": [0.5]}))
+    with pytest.raises(AlignmentFailure) as e:
+        asyncio.run(RewardClient(hung, 0.2, "cmpl-x").score(["sentiment"], ["p"], ["t"]))
+    assert e.value.code == "reward_timeout" and e.value.component == "reward"
+    err = as_api_error(e.value, "cmpl-x")
+    assert err.code == "reward_timeout" and err.status_code == 502 and err.type == "alignment_error"
+    assert "cmpl-x" in err.message
 
-    # Through the best-of-N / Transfer Q* scorer: the same error, unchanged by the ingress.
-    ctx, _ = _reward_ctx(delay=5, timeout_s=0.2)
-    with pytest.raises(AlignmentFailed) as e:
-        asyncio.run(methods._FailLoudScorer(ctx).score(["sentiment"], ["p"], ["t"]))
-    assert e.value.code == "reward_timeout" and e.value.status_code == 502
-    err = _as_api_error(e.value, "cmpl-x")
-    assert err.code == "reward_timeout" and err.status_code == 502
-    assert failures() == before + 2
+    # Anything else the reward service raises: 502 reward_failed, without the library's message.
+    class Broken:
+        def remote(self, *args):
+            async def boom():
+                raise RuntimeError("/home/me/.cache/model.bin: CUDA error 719")
+            return boom()
+
+    with pytest.raises(AlignmentFailure) as e:
+        asyncio.run(RewardClient(SimpleNamespace(score=Broken()), 5, "cmpl-y").score(["sentiment"], ["p"], ["t"]))
+    err = as_api_error(e.value, "cmpl-y")
+    assert err.code == "reward_failed" and err.status_code == 502
+    assert "/home" not in err.message and "RuntimeError" not in err.message and "cmpl-y" in err.message
 
 
 def test_reward_deployment_sleep_fault():
@@ -462,43 +446,51 @@ def test_reward_deployment_sleep_fault():
         asyncio.run(dep.inject_faults(1, "explode"))
 
 
-def _fake_ingress(events=None, **limits):
-    """The ingress's request path on a stand-in `self`: no Ray, no engine, no tokenizer."""
-    import inspect
-    import types
+class _Remote:
+    """A deployment handle method: ``.remote(...)`` returns an awaitable (tests need no Ray)."""
 
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+        return call()
+
+
+class _SilentEngine:
+    """A stand-in for the engine deployment's handle: a streamed request yields one token, then
+    nothing (as a long generation would); ``abort`` records the request ids it is asked to stop."""
+
+    def __init__(self):
+        self.aborted: list[str] = []
+        self.info = _Remote(lambda: {"value_models": []})
+        self.abort = _Remote(lambda rid: self.aborted.append(rid) or 1)
+        self.stream = SimpleNamespace(remote=self._stream)
+
+    def options(self, **kw):
+        return self
+
+    async def _stream(self, prompt_ids, params, rid, delta=True):
+        from decoders.base import Completion, StreamChunk
+
+        yield StreamChunk(outputs=[Completion(text="x", token_ids=[1])])
+        await asyncio.sleep(3600)
+
+
+def _ingress(**limits):
+    """The real ingress (its admission, methods, rendering), in-process on stand-in deployment handles."""
     from server.app import OpenAIIngress
-    from server.config import ServerConfig
 
-    cls = OpenAIIngress.func_or_class
-    aborted: list[str] = []
-    ns = SimpleNamespace(config=ServerConfig.model_validate({"limits": limits}), draining=False, model_name=MODEL,
-                         max_model_len=2048, cost_in_flight=0, _background=set(), api_keys=[], aborted=aborted)
-    for name in ("_serve", "_check_model", "_cost", "_cost_param", "_release", "_abort_soon", "_model_card",
-                 "model", "models", "_authorize", "_collect"):
-        attr = inspect.getattr_static(cls, name)
-        setattr(ns, name, attr.__func__ if isinstance(attr, staticmethod) else types.MethodType(attr, ns))
-
-    async def _abort(rid):
-        aborted.append(rid)
-
-    async def _mixture(req):
-        return None
-
-    ns._abort, ns._mixture = _abort, _mixture
-    ns._events = events or (lambda ctx: _forever())
-    return ns
+    engine = _SilentEngine()
+    wrapper = OpenAIIngress.func_or_class  # Ray Serve's ASGI wrapper around our class (async __init__)
+    ing = object.__new__(wrapper)
+    wrapper.__mro__[1].__init__(ing, {"limits": limits}, engine, SimpleNamespace())
+    ing.aborted = engine.aborted
+    return ing
 
 
-async def _forever():
-    from server.events import Delta
-
-    yield Delta(0, "x", [1], None)
-    await asyncio.sleep(3600)
-    yield Delta(0, "y", [2], None)
-
-
-def _request(method=None):
+def _request():
     return SimpleNamespace(state=SimpleNamespace(), headers={})
 
 
@@ -517,22 +509,39 @@ def _completion(**kw):
 def test_a_request_costlier_than_the_whole_budget_is_a_400_naming_the_knob(kw, param):
     from server.errors import BadRequest
 
-    ing = _fake_ingress(max_concurrent_cost=4)
+    ing = _ingress(max_concurrent_cost=4)
     with pytest.raises(BadRequest) as e:
-        asyncio.run(ing._serve(_completion(**kw), _request(), [1, 2], "hi", None, kind="text", param="prompt"))
+        asyncio.run(ing._serve(_completion(**kw), _request(), kind="text"))
     assert e.value.status_code == 400 and e.value.code == "request_too_costly" and e.value.param == param
     assert "Retry-After" not in e.value.headers and ing.cost_in_flight == 0
+
+
+@pytest.mark.parametrize("kw, param, limit", [
+    ({"max_tokens": 512, "alignment": {"method": "transfer_q", "weights": {"sentiment": 1}, "top_k": 50, "block": 1,
+                                       "rollout_tokens": 64}}, "alignment.top_k", "max_request_tokens"),
+    ({"max_tokens": 512, "alignment": {"method": "args", "weights": {"sentiment": 1}, "top_k": 10, "block": 1}},
+     "alignment.top_k", "max_request_scores"),
+])
+def test_work_past_the_per_request_limit_is_refused_up_front(kw, param, limit):
+    """Cost is work: tokens across candidates and rollouts, and texts scored, not just sequences."""
+    from server.errors import BadRequest
+
+    ing = _ingress()
+    with pytest.raises(BadRequest) as e:
+        asyncio.run(ing._serve(_completion(**kw), _request(), kind="text"))
+    assert e.value.code == "request_too_costly" and e.value.param == param and limit in e.value.message
+    assert "alignment.rollout_tokens" in e.value.message or "rollout" not in json.dumps(kw)
+    assert ing.cost_in_flight == 0
 
 
 def test_a_cancelled_non_streamed_request_aborts_its_engine_work():
     """A client that goes away mid-request: Ray Serve cancels the task; the engine work is aborted
     by id (cancelling our await does not reach the engine replica) and the budget comes back."""
-    ing = _fake_ingress()
+    ing = _ingress()
 
     async def main():
-        task = asyncio.ensure_future(ing._serve(_completion(), _request(), [1, 2], "hi", None, kind="text",
-                                                param="prompt"))
-        await asyncio.sleep(0.05)
+        task = asyncio.ensure_future(ing._serve(_completion(), _request(), kind="text"))
+        await asyncio.sleep(0.5)
         assert ing.cost_in_flight == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -557,11 +566,11 @@ def test_refusals_are_counted_by_reason():
                                               {"method": method, "reason": reason})
         return v or 0.0
 
-    ing = _fake_ingress()
+    ing = _ingress()
 
     async def refuse(req, request) -> APIError:
         try:
-            await ing._serve(req, request, [1], "hi", None, kind="text", param="prompt")
+            await ing._serve(req, request, kind="text")
         except APIError as e:
             await _api_error(request, e)
             return e
@@ -590,28 +599,24 @@ def test_refusals_are_counted_by_reason():
 
 def test_time_to_first_token_is_observed_for_streamed_requests_only():
     from server import metrics
-    from server.app import _Context, _record
-    from server.config import ServerConfig
+    from server.rendering import Outcome
 
     def ttft_count() -> float:
         return metrics.REGISTRY.get_sample_value("alignserve_time_to_first_token_seconds_count",
                                                  {"method": "none"}) or 0.0
 
-    ingress = SimpleNamespace(config=ServerConfig())
     before = ttft_count()
     for stream in (False, True):
-        ctx = _Context(ingress, SimpleNamespace(method="none", stream=stream), "cmpl-t", "text", [1], "p", None, {},
-                       None)
         t0 = time.perf_counter()
-        ctx.outcome.first_token_t = ctx.outcome.last_token_t = t0 + 0.01
-        ctx.outcome.completion_tokens = 1
-        _record(ctx, t0, 200)
+        out = Outcome(prompt_tokens=1, started_t=t0, first_token_t=t0 + 0.01, last_token_t=t0 + 0.01,
+                      completion_tokens=1)
+        metrics.record("none", out, 200, 0.02, streamed=stream)
         assert ttft_count() == before + (1 if stream else 0), stream
 
 
 def test_500s_are_generic_and_only_deliberate_errors_are_400s():
-    from server.app import _as_api_error
     from server.errors import BadRequest
+    from server.errors import as_api_error as _as_api_error
 
     for exc in (ValueError("/home/me/.cache/alignserve/model: bad shape"), RuntimeError("secret detail")):
         err = _as_api_error(exc, "cmpl-abc")
@@ -627,7 +632,7 @@ def test_models_hide_the_local_path_and_can_be_retrieved_one_by_one():
     from server.app import app
     from server.errors import NotFound
 
-    ing = _fake_ingress()
+    ing = _ingress()
     listed = asyncio.run(ing.models(_request())).data
     assert [(m.id, m.root) for m in listed] == [(MODEL, MODEL)]
     card = asyncio.run(ing.model(MODEL, _request()))
@@ -668,7 +673,8 @@ def test_validation_400s_name_the_exact_parameter(cls_name, body, param):
 def test_make_serve_can_fix_rays_metrics_port(monkeypatch, env, expect):
     import ray
 
-    from server import model_cache, serve as serve_cli
+    from decoders import base_model as model_cache
+    from server import serve as serve_cli
 
     class Stop(Exception):
         pass
@@ -813,9 +819,9 @@ RAW_BAD = [
      "messages.0.content"),
     ("lone surrogate prompt", b'{"model": "%s", "prompt": "a\\udc00"}' % MODEL.encode(), "prompt"),
     ("NaN weight", json.dumps(_bon() | {"alignment": {"method": "best_of_n", "weights": {"sentiment": math.nan}}})
-     .encode(), "alignment.weights"),
+     .encode(), "alignment.weights.sentiment"),
     ("Infinity weight", json.dumps(_bon() | {"alignment": {"method": "best_of_n", "weights": {"sentiment": math.inf}}})
-     .encode(), "alignment.weights"),
+     .encode(), "alignment.weights.sentiment"),
     ("-Infinity temperature", json.dumps(_chat(temperature=-math.inf)).encode(), "temperature"),
     ("NaN max_tokens", json.dumps(_chat(max_tokens=math.nan)).encode(), "max_tokens"),
     ("deep nesting", b"[" * 50_000 + b"]" * 50_000, None),
@@ -879,7 +885,17 @@ def test_openapi_schema_is_served_and_describes_the_bodies(server):
         assert {"400", "401", "404", "413", "429", "502", "504"} <= set(op["responses"])
         assert "422" not in op["responses"]  # validation errors are 400s here
     assert {"messages", "model", "max_tokens", "n", "alignment"} <= set(schemas["ChatCompletionRequest"]["properties"])
-    assert schemas["AlignmentParams"].get("additionalProperties") is False
+    # `alignment` is one of the registered methods' params, told apart by `method`; each is strict.
+    from decoders import registry
+
+    alignment = schemas["ChatCompletionRequest"]["properties"]["alignment"]
+    variants = next(v for v in alignment["anyOf"] if "oneOf" in v)["oneOf"]
+    consts = set()
+    for ref in variants:
+        params = schemas[ref["$ref"].split("/")[-1]]
+        assert params.get("additionalProperties") is False
+        consts.add(params["properties"]["method"]["const"])
+    assert consts == set(registry.methods())
     assert set(schemas["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
     assert not any(p.startswith("/admin") for p in spec["paths"])
 
@@ -916,7 +932,10 @@ def hardened(tmp_path_factory):
     (d / "keys.txt").write_text(f"# one key per line\n{FILE_KEY}\n")
     cfg = dict(HARDENED_CONFIG, api_keys_file=str(d / "keys.txt"))
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-    srv = start_server(d, d / "config.yaml", env={"ALIGNSERVE_API_KEYS": ENV_KEY})
+    # A toy method from outside the package, as a plug-in (tests/toy_method.py).
+    plugin = {"ALIGNSERVE_METHODS": "toy_method:Shout",
+              "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    srv = start_server(d, d / "config.yaml", env={"ALIGNSERVE_API_KEYS": ENV_KEY, **plugin})
     try:
         # /health and /v1/models answer before the engine has loaded: wait for a real completion.
         deadline = time.time() + 300
@@ -1005,6 +1024,36 @@ class TestHardenedServer:
         # max_request_bytes: 20000 here.
         r = _post(hardened, "/v1/completions", {"model": MODEL, "prompt": "x" * 20_001})
         _error(r, 413, None)
+
+    # ---------------------------------------------------------------- a method plug-in
+
+    def test_a_toy_method_registered_as_a_plugin_is_served_end_to_end(self, hardened):
+        """One file (tests/toy_method.py) and one registry entry: the schema, the objectives endpoint,
+        validation, admission and the receipt all know the method; it decodes with the real engine."""
+        spec = httpx.get(hardened.url + "/openapi.json", timeout=30).json()
+        assert "ShoutParams" in spec["components"]["schemas"]
+        listed = httpx.get(hardened.url + "/v1/alignment/objectives", headers=AUTH, timeout=30).json()["methods"]
+        shout = next(m for m in listed if m["name"] == "shout")
+        assert shout["knobs"]["exclamations"] == 1 and shout["streams"] == "whole"
+        r = _post(hardened, "/v1/completions", _counting(6, alignment={"method": "shout", "exclamations": 3,
+                                                                      "weights": {"brevity": 1.0}}))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        text = body["choices"][0]["text"]
+        assert text.endswith("!!!") and text == text.upper() and any(ch.isdigit() for ch in text)
+        receipt = body["alignment"]
+        assert receipt["method"] == "shout" and receipt["exclamations"] == 3 and receipt["cost"]["base_tokens"] == 6
+        assert receipt["choices"][0]["rewards"]["brevity"]["raw"] > 0
+        _error(_post(hardened, "/v1/completions", _counting(4, alignment={"method": "shout", "exclamations": 9})),
+               400, "alignment.exclamations")
+        _error(_post(hardened, "/v1/completions", _counting(4, alignment={"method": "shout", "top_k": 2})),
+               400, "alignment.top_k")
+        # The budget counts it like any method: n = 2 costs 2 of the 4 sequences.
+        r = _post(hardened, "/v1/completions", _counting(4, n=2, temperature=1,
+                                                         alignment={"method": "shout", "exclamations": 0}))
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        m = _metrics(hardened)
+        assert _metric(m, "alignserve_requests_total", method="shout", status="200") == 2
 
     # ---------------------------------------------------------------- overload
 
@@ -1150,7 +1199,9 @@ class TestHardenedServer:
             assert r.status_code == 200, r.text
             r = _post(hardened, "/v1/chat/completions", _bon(n=2, early_pruning=False) | {"stream": stream})
             err = _error(r, 502, None, "alignment_error")
-            assert err["code"] == "reward_failed" and "injected" in err["message"]
+            # What failed and the request id; not the exception (it is in the server log under that id).
+            assert err["code"] == "reward_failed" and "injected" not in err["message"]
+            assert "chatcmpl-" in err["message"] and "RuntimeError" not in err["message"]
         m1 = _metrics(hardened)
         failures = "alignserve_alignment_failures_total"
         assert _metric(m1, failures, method="best_of_n", component="reward") == \

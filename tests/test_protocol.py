@@ -4,9 +4,10 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from decoders.base import ParamError
 from server.config import LimitsConfig
-from server.errors import BadRequest
-from server.protocol import AlignmentParams, ChatCompletionRequest, CompletionRequest
+from server.errors import BadRequest, as_api_error
+from server.protocol import ChatCompletionRequest, CompletionRequest, describe_error, error_param, parse_alignment
 
 LIMITS = LimitsConfig()
 
@@ -66,13 +67,13 @@ def test_unknown_top_level_fields_ignored_like_openai():
 
 
 def test_limits_are_enforced_with_param_names():
-    with pytest.raises(BadRequest) as e:
+    with pytest.raises(ParamError) as e:
         chat(max_tokens=LIMITS.max_tokens + 1).check_limits(LIMITS)
     assert e.value.param == "max_tokens"
-    with pytest.raises(BadRequest) as e:
+    with pytest.raises(ParamError) as e:
         chat(n=LIMITS.max_n + 1).check_limits(LIMITS)
     assert e.value.param == "n"
-    with pytest.raises(BadRequest) as e:
+    with pytest.raises(ParamError) as e:
         chat(n=2, temperature=0).check_limits(LIMITS)
     assert e.value.param == "n"
 
@@ -90,6 +91,15 @@ def test_completion_prompt_forms():
 def test_alignment_defaults_to_none():
     assert chat().method == "none"
     assert chat(alignment={}).method == "none"
+    assert chat(alignment=None).method == "none"
+
+
+def test_method_defaults_live_in_the_method_params():
+    a = chat(alignment={"method": "transfer_q", "weights": {"a": 1}}).alignment
+    assert (a.top_k, a.block, a.rollout_tokens, a.alpha, a.transfer) == (4, 16, 16, 1.0, "auto")
+    assert chat(alignment={"method": "best_of_n", "weights": {"a": 1}}).alignment.n == 4
+    v = chat(alignment={"method": "vas", "weights": {"a": 1}}).alignment
+    assert (v.beta, v.top_k) == (2.0, 20)
 
 
 @pytest.mark.parametrize("alignment, field", [
@@ -106,7 +116,7 @@ def test_alignment_defaults_to_none():
 ])
 def test_alignment_strict_validation(alignment, field):
     with pytest.raises(ValidationError) as e:
-        AlignmentParams.model_validate(alignment)
+        parse_alignment(alignment)
     assert field in str(e.value)
 
 
@@ -124,17 +134,41 @@ def test_alignment_strict_validation(alignment, field):
     ({"method": "transfer_q", "weights": {"a": 1}, "alpha": 1e6}, "alignment.alpha"),
 ])
 def test_alignment_server_limits(alignment, param):
-    with pytest.raises(BadRequest) as e:
+    with pytest.raises(ParamError) as e:
         chat(alignment=alignment).check_limits(LIMITS)
     assert e.value.param == param
-    assert e.value.body()["error"]["param"] == param
+    assert as_api_error(e.value).body()["error"]["param"] == param
+
+
+def _prepared(req):
+    """The request's method, prepared against a registry with one objective `a`."""
+    import asyncio
+
+    from decoders import registry
+    from decoders.base import DecodeRequest, MethodContext
+    from decoders.rewards import Objective
+
+    dreq = DecodeRequest(prompt_ids=[1], prompt_text="hi", sampling=req.to_sampling_params(LIMITS, 1, 2048))
+    ctx = MethodContext(engine=None, scorer=None, objectives={"a": Objective("a", lambda p, r: [0.0] * len(r))},
+                        limits=LIMITS)
+    method = registry.get(req.method)(req.alignment, dreq, ctx)
+    asyncio.run(method.prepare())
+    return method
 
 
 def test_best_of_n_returns_at_most_its_candidates():
-    with pytest.raises(BadRequest) as e:
-        chat(n=3, alignment={"method": "best_of_n", "n": 2, "weights": {"a": 1}}).check_limits(LIMITS)
+    with pytest.raises(ParamError) as e:
+        _prepared(chat(n=3, temperature=1, alignment={"method": "best_of_n", "n": 2, "weights": {"a": 1}}))
     assert e.value.param == "alignment.n"
-    chat(n=2, alignment={"method": "best_of_n", "n": 4, "weights": {"a": 1}}).check_limits(LIMITS)
+    _prepared(chat(n=2, alignment={"method": "best_of_n", "n": 4, "weights": {"a": 1}}))
+
+
+def test_best_of_n_needs_sampling():
+    """Greedy candidates would all be the same answer (and vLLM refuses n > 1 at temperature 0)."""
+    with pytest.raises(ParamError) as e:
+        _prepared(chat(temperature=0, alignment={"method": "best_of_n", "n": 4, "weights": {"a": 1}}))
+    assert e.value.param == "temperature"
+    _prepared(chat(temperature=0, alignment={"method": "best_of_n", "n": 1, "weights": {"a": 1}}))
 
 
 def test_error_body_is_openai_shaped():
@@ -146,9 +180,10 @@ def test_error_body_is_openai_shaped():
 # ----------------------------------------------------------------------------- exact parameters, field order
 
 def _locs(cls, body) -> list[str]:
+    """The parameters the API names for a body's validation errors."""
     with pytest.raises(ValidationError) as e:
         cls.model_validate(body)
-    return [".".join(str(p) for p in err["loc"]) for err in e.value.errors()]
+    return [describe_error(err)[0] for err in e.value.errors()]
 
 
 @pytest.mark.parametrize("cls, extra, loc", [
@@ -179,7 +214,21 @@ def test_valid_combinations_still_pass():
 
 
 def test_an_invalid_method_is_the_error_not_its_knobs():
-    assert _locs(AlignmentParams, {"method": "beam", "top_k": 3}) == ["method"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "alignment": {"method": "beam", "top_k": 3}}
+    assert _locs(ChatCompletionRequest, body) == ["alignment.method"]
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate(body)
+    assert "unknown method 'beam'" in describe_error(e.value.errors()[0])[1]
+
+
+def test_a_knob_of_another_method_names_what_the_method_takes():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "alignment": {"method": "vas", "weights": {"a": 1}, "block": 3}}
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate(body)
+    param, message = describe_error(e.value.errors()[0])
+    assert param == "alignment.block" and "weights, beta, top_k" in message
+    assert error_param(("body", "alignment", "vas", "weights", "a")) == "alignment.weights.a"
 
 
 def test_json_schema_lists_fields_in_openai_order():

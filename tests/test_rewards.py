@@ -304,8 +304,8 @@ def test_hf_classifier_label_index_out_of_range(tmp_path):
 
 
 def test_hf_classifier_tiny_llama_chat_template(tmp_path):
-    from server.model_cache import EMBEDDED_DIRNAME
-    from server.config import cache_dir
+    from decoders.base_model import EMBEDDED_DIRNAME
+    from decoders.base_model import cache_dir
 
     embedded = cache_dir() / "models" / EMBEDDED_DIRNAME
     if not (embedded / "tokenizer.json").exists():

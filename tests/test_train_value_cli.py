@@ -20,7 +20,7 @@ def test_train_value_cli_writes_a_loadable_checkpoint(tmp_path):
     meta = json.loads((out / "value_model.json").read_text())
     assert meta["objective"] == "sentiment" and (out / "head.safetensors").stat().st_size > 0
     from decoders.value_model import load_value_model
-    from server.model_cache import materialize_embedded
+    from decoders.base_model import materialize_embedded
 
     vm = load_value_model(str(out), materialize_embedded())
     assert vm is not None

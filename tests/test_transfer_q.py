@@ -11,15 +11,22 @@ import math
 
 import pytest
 
-from decoders.base import Completion
-from decoders.baselines import (BASELINE_PARAM, ParamError, baseline_messages, build_rollout_context,
-                                build_rollout_prompt, default_baseline_configs, default_baseline_for,
-                                prepare_rollout, resolve_baseline, resolve_transfer, rollout_extra_params,
-                                rollout_generator_name, validate_baselines)
+from decoders.base import Completion, ParamError, TokenLogprob, TopLogprob
+from decoders.baselines import (BASELINE_PARAM, BaselineConfig, RolloutTarget, baseline_messages,
+                                build_rollout_context, build_rollout_prompt, default_baseline_configs,
+                                default_baseline_for, prepare_rollout, resolve_baseline, resolve_transfer,
+                                rollout_extra_params, rollout_generator_name, validate_baselines)
 from decoders.rewards import Mixture, Objective
-from decoders.transfer_q import (RECOMMENDED_DEFAULTS, TransferQParams, importance_weights, indirect_q,
-                                 select_candidate, step_rng, transfer_q_decode)
-from server.config import BaselineConfig, LimitsConfig
+from decoders.transfer_q import (RECOMMENDED_DEFAULTS, TransferQParams, TransferQSearch, importance_weights,
+                                 indirect_q, select_candidate, step_rng)
+from server.config import LimitsConfig
+
+
+
+def TQ(**kw) -> TransferQParams:
+    """Transfer Q* params at token level with k = 10 (the papers' setting) unless a test says otherwise."""
+    return TransferQParams(**{"block": 1, "top_k": 10, **kw})
+
 
 # --- fakes -------------------------------------------------------------------------------------
 
@@ -48,8 +55,10 @@ class FakeGen:
                     and params.get("temperature") == 0.0 and p[:len(PROMPT)] == PROMPT and "lora_request" not in params:
                 d = self.dist(p)
                 best = max(d, key=lambda t: (d[t], -t))
+                top = [TopLogprob(t, lp, WORDS.get(t)) for t, lp in sorted(d.items(), key=lambda x: -x[1])]
                 out.append([Completion(text=WORDS.get(best, "?"), token_ids=[best], cumulative_logprob=d[best],
-                                       finish_reason="length", logprobs=[dict(d)])])
+                                       finish_reason="length",
+                                       logprobs=[TokenLogprob(best, d[best], WORDS.get(best), top)])])
             elif params.get("n", 1) > 1:
                 comps = []
                 for ids, lp, fin in self.blocks(p, params["max_tokens"], params.get("seed")):
@@ -95,14 +104,16 @@ def run(coro):
 
 
 def decode(gen, scorer, params, *, weights=None, aligned=("sentiment",), max_tokens=3, temperature=0.0,
-           top_p=1.0, seed=None, stop=(EOS,), on_block=None, objs=("sentiment", "safety"), **kw):
+           top_p=1.0, seed=None, stop=(EOS,), on_block=None, objs=("sentiment", "safety"), stop_strings=None,
+           rollout_params=None):
     weights = weights if weights is not None else params.weights
-    mixture = Mixture(weights=dict(weights), transform=params.transform, caps=dict(params.caps))
-    return run(transfer_q_decode(gen, scorer, mixture, objectives_for(*objs), base_prompt_ids=list(PROMPT),
-                                 rollout_context_ids=list(CONTEXT), prompt_text="the prompt", max_tokens=max_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed, stop_token_ids=list(stop),
-                                 params=params, baseline_aligned_to=list(aligned), on_block=on_block,
-                                 baseline_name="positive", **kw))
+    mixture = Mixture(weights=dict(weights), transform=params.transform, caps=dict(params.caps or {}))
+    target = RolloutTarget(name="positive", baseline=BaselineConfig(aligned_to=list(aligned)),
+                           context_ids=list(CONTEXT), params=dict(rollout_params or {}))
+    return run(TransferQSearch(gen, scorer, mixture, objectives_for(*objs), params, prompt_ids=list(PROMPT),
+                               prompt_text="the prompt", max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, stop_token_ids=list(stop), stop_strings=stop_strings,
+                               target=target, on_block=on_block).run())
 
 
 # --- selection rule ------------------------------------------------------------------------------
@@ -206,7 +217,7 @@ def test_indirect_decode_with_negative_rewards_keeps_the_better_candidate():
     neg = {"good": -0.1, "fine": -0.5, "ok": -2.0}
     scorer = FakeScorer({"sentiment": lambda r: neg.get(r.split()[-1], -3.0),
                          "safety": lambda r: {"good": -2.0, "fine": -0.1}.get(r.split()[-1], -0.1)})
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0, indirect_coef=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0, indirect_coef=1.0)
     comp, _, extras = decode(gen, scorer, params, aligned=("safety",), max_tokens=1)
     assert extras["transfer"] == "indirect"
     # good: best target reward and the largest weight (its baseline reward is the lowest) -> chosen;
@@ -247,7 +258,7 @@ def test_token_level_decode_rollout_batching_and_choice():
     # candidates (top 3): good -0.5, bad -1.0, ok -2.0; rollouts: after "ok" -> "great", else "meh"
     gen = FakeGen(rollout=lambda p, n: ([5] if p[-1] == 3 else [4]) * n)
     scorer = sentiment_scorer()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=4, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=4, alpha=1.0)
     comp, stats, extras = decode(gen, scorer, params, max_tokens=12)
     cand_calls = [c for c in gen.calls if c[1].get("logprobs") == 3]
     roll_calls = [c for c in gen.calls if c[1].get("logprobs") is None]
@@ -272,7 +283,7 @@ def test_token_level_decode_rollout_batching_and_choice():
 def test_alpha_zero_is_base_greedy_and_skips_rollouts():
     gen = FakeGen(dist=lambda p: {2: -0.1, 5: -0.2, 1: -3.0, 0: -9.0})
     scorer = sentiment_scorer()
-    comp, stats, extras = decode(gen, scorer, TransferQParams(weights={"sentiment": 1.0}, top_k=3, alpha=0.0),
+    comp, stats, extras = decode(gen, scorer, TQ(weights={"sentiment": 1.0}, top_k=3, alpha=0.0),
                                  max_tokens=4)
     assert comp.token_ids == [2, 2, 2, 2] and comp.finish_reason == "length"
     assert len(gen.calls) == 4 and scorer.calls == [] and stats.rollouts == 0
@@ -281,7 +292,7 @@ def test_alpha_zero_is_base_greedy_and_skips_rollouts():
 
 def test_large_alpha_picks_best_q():
     gen = FakeGen(dist=lambda p: {2: -0.1, 4: -0.2, 5: -6.0, 0: -9.0})
-    comp, _, _ = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=3, alpha=50.0,
+    comp, _, _ = decode(gen, sentiment_scorer(), TQ(weights={"sentiment": 1.0}, top_k=3, alpha=50.0,
                                                                rollout_tokens=0), max_tokens=2)
     assert comp.token_ids == [5, 5]
 
@@ -289,7 +300,7 @@ def test_large_alpha_picks_best_q():
 def test_args_mode_scores_prefix_plus_candidate_without_rollouts():
     gen = FakeGen()   # candidates good -0.5, bad -1.0, ok -2.0
     scorer = sentiment_scorer()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=0, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=0, alpha=1.0)
     comp, stats, extras = decode(gen, scorer, params, max_tokens=2)
     assert all(c[1]["max_tokens"] == 1 and c[1]["logprobs"] == 3 for c in gen.calls)
     assert len(gen.calls) == 2 and stats.rollouts == 0 and stats.rollout_tokens == 0
@@ -302,7 +313,7 @@ def test_args_mode_scores_prefix_plus_candidate_without_rollouts():
 def test_rollout_texts_and_budget_cap():
     gen = FakeGen(rollout=lambda p, n: [9, 5, 5, 5, 5][:n])
     scorer = sentiment_scorer()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=4, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=4, alpha=1.0)
     comp, stats, _ = decode(gen, scorer, params, max_tokens=3)
     roll_calls = [c for c in gen.calls if c[1].get("logprobs") is None]
     # rollouts never run past the answer budget: 3-0-1=2, then 1, then none (scored directly)
@@ -318,7 +329,7 @@ def test_eos_candidate_stops_and_is_not_rolled_out():
     # EOS is the best by base log-prob and by reward (an empty continuation scores 0 > bad's -1)
     gen = FakeGen(dist=lambda p: {0: -0.1, 2: -0.5, 6: -0.6})
     scorer = sentiment_scorer()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0)
     comp, stats, _ = decode(gen, scorer, params, max_tokens=10)
     assert comp.token_ids == [0] and comp.finish_reason == "stop" and comp.text == ""
     roll = [c for c in gen.calls if c[1].get("logprobs") is None]
@@ -328,7 +339,7 @@ def test_eos_candidate_stops_and_is_not_rolled_out():
 
 def test_stop_token_ids_are_honored():
     gen = FakeGen(dist=lambda p: {7: -0.1, 1: -1.0} if len(p) < len(PROMPT) + 2 else {8: -0.1, 1: -1.0})
-    comp, stats, _ = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=2, alpha=0.0),
+    comp, stats, _ = decode(gen, sentiment_scorer(), TQ(weights={"sentiment": 1.0}, top_k=2, alpha=0.0),
                             max_tokens=10, stop=(EOS, 8))
     assert comp.token_ids == [7, 7, 8] and comp.finish_reason == "stop" and stats.steps == 3
 
@@ -351,7 +362,7 @@ def test_block_decode_merges_duplicate_blocks_and_scores_by_count():
     table = [([1, 1], -2.0, "length"), ([2, 6], -0.5, "length"), ([1, 1], -2.0, "length"), ([5, 7], -0.1, "length")]
     gen = block_gen(table)
     scorer = sentiment_scorer()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=3, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=3, alpha=1.0)
     comp, stats, _ = decode(gen, scorer, params, max_tokens=4, seed=11)
     cand_calls = [c for c in gen.calls if c[1].get("n", 1) > 1]
     roll_calls = [c for c in gen.calls if c[1].get("n", 1) == 1]
@@ -373,7 +384,7 @@ def test_block_decode_merges_duplicate_blocks_and_scores_by_count():
 
 def test_block_truncated_to_max_tokens_and_cut_at_stop():
     gen = block_gen([([1, 2, 3], -1.0, "length")])
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=3, rollout_tokens=0, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, block=3, rollout_tokens=0, alpha=1.0)
     comp, stats, _ = decode(gen, sentiment_scorer(), params, max_tokens=4)
     assert [c[1]["max_tokens"] for c in gen.calls] == [3, 1]
     assert comp.token_ids == [1, 2, 3, 1] and comp.finish_reason == "length"
@@ -387,7 +398,7 @@ def test_indirect_transfer_applies_importance_weights():
     # target: sentiment; baseline aligned to safety -> auto = indirect
     gen = FakeGen(dist=lambda p: {1: -1.0, 7: -1.0, 3: -1.0}, rollout=lambda p, n: [])
     scorer = sentiment_scorer()   # safety: +1 per "fine", -1 per "awful"
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0, indirect_coef=0.5)
+    params = TQ(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0, indirect_coef=0.5)
     comp, stats, extras = decode(gen, scorer, params, aligned=("safety",), max_tokens=1)
     assert extras["transfer"] == "indirect" and extras["baseline_objectives"] == ["safety"]
     assert scorer.calls[0][0] == ["sentiment", "safety"]
@@ -398,7 +409,7 @@ def test_indirect_transfer_applies_importance_weights():
     assert extras["mean_q"] == pytest.approx(q[0]) and extras["mean_weight"] == pytest.approx(w[0])
     # direct on the same data would tie good and fine (tie -> lower index)
     gen = FakeGen(dist=lambda p: {1: -1.0, 7: -1.0, 3: -1.0}, rollout=lambda p, n: [])
-    _, _, ex = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=3, transfer="direct"),
+    _, _, ex = decode(gen, sentiment_scorer(), TQ(weights={"sentiment": 1.0}, top_k=3, transfer="direct"),
                       aligned=("safety",), max_tokens=1)
     assert ex["transfer"] == "direct" and "mean_weight" not in ex
 
@@ -408,13 +419,13 @@ def test_indirect_prefers_candidate_the_baseline_reward_undervalues():
     # reference point b). Equal advantage over b, so the larger weight wins although fine has the
     # higher base log-prob.
     gen = FakeGen(dist=lambda p: {7: -0.99, 1: -1.0, 3: -1.0}, rollout=lambda p, n: [])
-    comp, _, extras = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=3, alpha=1.0,
+    comp, _, extras = decode(gen, sentiment_scorer(), TQ(weights={"sentiment": 1.0}, top_k=3, alpha=1.0,
                                                                     transfer="indirect"),
                              aligned=("safety",), max_tokens=1)
     assert comp.token_ids == [1]
     # equal target rewards and nothing to compare against: the weights cannot reorder them (Q = b for all)
     gen = FakeGen(dist=lambda p: {7: -0.99, 1: -1.0}, rollout=lambda p, n: [])
-    comp, _, extras = decode(gen, sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=2, alpha=1.0,
+    comp, _, extras = decode(gen, sentiment_scorer(), TQ(weights={"sentiment": 1.0}, top_k=2, alpha=1.0,
                                                                     transfer="indirect"),
                              aligned=("safety",), max_tokens=1)
     assert comp.token_ids == [7] and extras["mean_q"] == pytest.approx(1.0)
@@ -422,7 +433,7 @@ def test_indirect_prefers_candidate_the_baseline_reward_undervalues():
 
 def test_seeded_decode_reproduces():
     gen_a, gen_b = FakeGen(), FakeGen()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=1, alpha=0.3)
+    params = TQ(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=1, alpha=0.3)
     a, _, _ = decode(gen_a, sentiment_scorer(), params, max_tokens=8, temperature=1.0, seed=5)
     b, _, _ = decode(gen_b, sentiment_scorer(), params, max_tokens=8, temperature=1.0, seed=5)
     assert a.token_ids == b.token_ids
@@ -437,7 +448,7 @@ def test_on_block_streams_each_block():
     async def on_block(delta, ids):
         got.append((delta, ids))
     gen = block_gen([([1, 5], -1.0, "length")])
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
     comp, _, _ = decode(gen, sentiment_scorer(), params, max_tokens=5, on_block=on_block)
     assert [ids for _, ids in got] == [[1, 5], [1, 5], [1]]
     assert "".join(d for d, _ in got) == comp.text == "good great good great good"
@@ -450,38 +461,27 @@ def test_on_block_streams_each_block():
 
 def test_stats_and_extras():
     gen = FakeGen()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=2, alpha=1.0)
     comp, stats, extras = decode(gen, sentiment_scorer(), params, max_tokens=5)
     assert stats.steps == 5 and stats.candidates == 15 and stats.base_tokens == 15
     assert stats.rollouts == 3 * 4                      # no rollout at the last step (no budget)
     assert stats.rollout_tokens == 3 * (2 + 2 + 2 + 1)
     assert stats.generation_s >= 0 and stats.scoring_s >= 0
     assert extras["engine_calls"] == 9 and extras["scorer_calls"] == 5
-    assert {"method", "transfer", "baseline", "top_k", "block", "rollout_tokens", "alpha"} <= set(extras)
+    assert {"method", "transfer", "baseline"} <= set(extras)
     assert json.dumps(extras)
 
 
-def test_zero_max_tokens_and_mixture_from_params():
-    comp, stats, _ = run(transfer_q_decode(
-        FakeGen(), sentiment_scorer(), None, objectives_for("sentiment"), base_prompt_ids=PROMPT,
-        rollout_context_ids=CONTEXT, prompt_text="p", max_tokens=0, temperature=0, top_p=1, seed=None,
-        stop_token_ids=[EOS], params=TransferQParams(weights={"sentiment": 1.0}), baseline_aligned_to=["sentiment"]))
+def test_zero_max_tokens():
+    comp, stats, _ = decode(FakeGen(), sentiment_scorer(), TQ(weights={"sentiment": 1.0}), max_tokens=0)
     assert comp.token_ids == [] and comp.finish_reason == "length" and stats.steps == 0
-    comp, _, _ = run(transfer_q_decode(
-        FakeGen(), sentiment_scorer(), None, objectives_for("sentiment"), base_prompt_ids=PROMPT,
-        rollout_context_ids=CONTEXT, prompt_text="p", max_tokens=1, temperature=0, top_p=1, seed=None,
-        stop_token_ids=[EOS], params=TransferQParams(weights={"sentiment": 1.0}, top_k=3, rollout_tokens=0),
-        baseline_aligned_to=["sentiment"]))
+    comp, _, _ = decode(FakeGen(), sentiment_scorer(), TQ(weights={"sentiment": 1.0}, top_k=3,
+                                                                      rollout_tokens=0), max_tokens=1)
     assert comp.token_ids == [1]
 
 
-def test_model_baseline_rollouts_are_retokenized_and_lora_params_passed():
-    base, other = FakeGen(), FakeGen(rollout=lambda p, n: [5] * n)
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=1, alpha=1.0)
-    decode(base, sentiment_scorer(), params, max_tokens=2, rollout_gen=other)
-    assert len(other.calls) == 1 and all(len(c[0]) == 2 for c in other.calls)
-    assert other.calls[0][0] == [CONTEXT + [1], CONTEXT + [2]]
-    assert all(c[1].get("logprobs") for c in base.calls)
+def test_lora_rollout_params_are_passed():
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=1, alpha=1.0)
     gen = FakeGen()
     lora = {"lora_request": {"lora_name": "x", "lora_path": "/a"}}
     decode(gen, sentiment_scorer(), params, max_tokens=2, rollout_params=lora)
@@ -491,15 +491,20 @@ def test_model_baseline_rollouts_are_retokenized_and_lora_params_passed():
 
 
 def test_params_validation():
+    from pydantic import ValidationError
+
     limits = LimitsConfig()
-    TransferQParams(weights={"a": 1.0}).validate(limits)
-    for field, bad in [("top_k", 0), ("top_k", 51), ("block", 0), ("rollout_tokens", -1), ("rollout_tokens", 65),
-                       ("alpha", -1.0), ("alpha", float("nan")), ("transfer", "both"), ("indirect_coef", -0.1)]:
-        p = TransferQParams(weights={"a": 1.0}, **{field: bad})
+    TQ(weights={"a": 1.0}).check(limits)
+    for field, bad in [("top_k", 51), ("rollout_tokens", 65), ("alpha", -1.0), ("indirect_coef", -0.1)]:
+        p = TQ(weights={"a": 1.0}, **{field: bad})
         with pytest.raises(ParamError) as ei:
-            p.validate(limits)
+            p.check(limits)
         assert ei.value.param == f"alignment.{field}"
-    assert TransferQParams(weights={}, rollout_tokens=0).method == "args"
+    for field, bad in [("top_k", 0), ("block", 0), ("rollout_tokens", -1), ("alpha", float("nan")),
+                       ("transfer", "both")]:
+        with pytest.raises(ValidationError) as ei:
+            TQ(weights={"a": 1.0}, **{field: bad})
+        assert ei.value.errors()[0]["loc"][0] == field
     assert RECOMMENDED_DEFAULTS["top_k"] * (RECOMMENDED_DEFAULTS["block"] + RECOMMENDED_DEFAULTS["rollout_tokens"]) \
         / RECOMMENDED_DEFAULTS["block"] <= 10
 
@@ -534,7 +539,10 @@ def test_unknown_baseline_error():
         resolve_baseline("nope", {"sentiment": 1.0}, default_baseline_configs())
     assert ei.value.param == BASELINE_PARAM == "alignment.baseline"
     assert "nope" in str(ei.value) and "positive" in str(ei.value)
-    assert ei.value.body()["error"]["param"] == "alignment.baseline"
+    from server.errors import as_api_error
+
+    assert as_api_error(ei.value).body()["error"]["param"] == "alignment.baseline"  # a 400 at the edge
+    assert as_api_error(ei.value).status_code == 400 and ei.value.code == "unknown_baseline"
     with pytest.raises(ParamError):
         default_baseline_for({"sentiment": 1.0}, {})
 
@@ -593,15 +601,15 @@ def test_lora_and_model_baselines():
 
 
 def test_indirect_needs_calibrated_baseline_objectives_for_transforms():
-    from decoders.rewards import MixtureError
+    from decoders.transfer_q import transfer_plan
+
     objs = {"sentiment": Objective("sentiment", lambda p, r: [0.0] * len(r), mean=0.0, std=1.0),
             "safety": Objective("safety", lambda p, r: [0.0] * len(r))}
-    params = TransferQParams(weights={"sentiment": 1.0}, transform="standardize", top_k=2, rollout_tokens=1)
+    params = TQ(weights={"sentiment": 1.0}, transform="standardize", top_k=2, rollout_tokens=1)
     mixture = Mixture(weights={"sentiment": 1.0}, transform="standardize")
-    with pytest.raises(MixtureError) as ei:
-        run(transfer_q_decode(FakeGen(), sentiment_scorer(), mixture, objs, base_prompt_ids=PROMPT,
-                              rollout_context_ids=CONTEXT, prompt_text="p", max_tokens=2, temperature=0, top_p=1,
-                              seed=None, stop_token_ids=[EOS], params=params, baseline_aligned_to=["safety"]))
+    target = RolloutTarget(name="harmless", baseline=BaselineConfig(aligned_to=["safety"]), context_ids=CONTEXT)
+    with pytest.raises(ParamError) as ei:  # a 400 before the request is admitted, not a failure inside
+        transfer_plan(params, mixture, target, objs)
     assert ei.value.param == "alignment.baseline.transform"
 
 
@@ -615,7 +623,7 @@ def test_one_token_step_of_a_block_decode_uses_base_logprobs():
                   blocks=lambda p, n, seed: [([8, 8], -1.0, "length")])
     last = {"good": 1.0, "very": 1.5}
     scorer = FakeScorer({"sentiment": lambda r: last.get(r.split()[-1], 0.0)})
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
     comp, stats, _ = decode(gen, scorer, params, max_tokens=3)
     assert [c[1]["max_tokens"] for c in gen.calls] == [2, 1]
     assert scorer.calls[-1][2] == ["so so good", "so so very"]
@@ -626,20 +634,20 @@ def test_block_candidates_are_sampled_in_proportion_to_their_counts():
     # alpha = 0 inside the decoder: selecting among merged base samples must be base sampling, i.e.
     # a block drawn 3 times out of 4 is chosen ~3/4 of the time (merging without counts gave 1/2).
     table = [([1, 1], -2.0, "length"), ([1, 1], -2.0, "length"), ([5, 7], -0.1, "length"), ([1, 1], -2.0, "length")]
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=0, alpha=0.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=0, alpha=0.0)
     picks = [decode(block_gen(table), sentiment_scorer(), params, max_tokens=2, temperature=1.0, seed=s)[0].token_ids
              for s in range(600)]
     freq = sum(p == [1, 1] for p in picks) / len(picks)
     assert abs(freq - 0.75) < 0.06
     # greedy with equal Q: the most often drawn block wins
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=0, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=4, block=2, rollout_tokens=0, alpha=1.0)
     flat = FakeScorer({"sentiment": lambda r: 0.0})
     assert decode(block_gen(table), flat, params, max_tokens=2)[0].token_ids == [1, 1]
 
 
 def test_greedy_block_decode_without_seed_is_deterministic():
     table = [([1, 1], -2.0, "length"), ([5, 7], -0.1, "length")]
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
     a, b = block_gen(table), block_gen(table)
     decode(a, sentiment_scorer(), params, max_tokens=4, temperature=0.0, seed=None)
     decode(b, sentiment_scorer(), params, max_tokens=4, temperature=0.0, seed=None)
@@ -653,7 +661,7 @@ def test_greedy_block_decode_without_seed_is_deterministic():
 def test_stop_string_token_level_cuts_text_and_finishes_with_stop():
     gen = FakeGen(dist=lambda p: {1: -0.1, 5: -1.0} if len(p) == len(PROMPT) else {5: -0.1, 1: -1.0})
     scorer = sentiment_scorer()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=0, alpha=0.5)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=0, alpha=0.5)
     comp, stats, _ = decode(gen, scorer, params, max_tokens=6, stop_strings=["great"])
     # "good great" completes "great": vLLM semantics -> token ids up to it, text cut before it
     assert comp.token_ids == [1, 5] and comp.text == "good " and comp.finish_reason == "stop"
@@ -667,7 +675,7 @@ def test_stop_string_spanning_blocks_and_streaming_holds_it_back():
         return [([1, 8], -1.0, "length")] if len(p) == len(PROMPT) else [([9, 5], -1.0, "length")]
     gen = FakeGen(blocks=blocks)
     got = []
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, block=2, rollout_tokens=0, alpha=1.0)
     comp, stats, _ = decode(gen, sentiment_scorer(), params, max_tokens=8, stop_strings=["so very"],
                             on_block=lambda d, ids: got.append((d, ids)))
     # "good so" + "very great": the stop string spans the blocks; the answer ends at the token completing it
@@ -683,7 +691,7 @@ def test_stop_string_spanning_blocks_and_streaming_holds_it_back():
 def test_stop_string_inside_a_rollout_cuts_the_scored_text():
     gen = FakeGen(dist=lambda p: {1: -0.1, 2: -0.2}, rollout=lambda p, n: [9, 5, 5][:n])
     scorer = sentiment_scorer()
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=3, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=3, alpha=1.0)
     decode(gen, scorer, params, max_tokens=5, stop_strings=["great"])
     assert scorer.calls[0][2] == ["good very ", "bad very "]
     roll = [c for c in gen.calls if c[1].get("logprobs") is None]
@@ -691,10 +699,10 @@ def test_stop_string_inside_a_rollout_cuts_the_scored_text():
 
 
 def test_rollout_time_is_reported_separately():
-    params = TransferQParams(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=2, alpha=1.0)
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=2, alpha=1.0)
     _, stats, _ = decode(FakeGen(), sentiment_scorer(), params, max_tokens=3)
     assert 0.0 <= stats.extra["rollout_s"] <= stats.generation_s
-    _, stats, _ = decode(FakeGen(), sentiment_scorer(), TransferQParams(weights={"sentiment": 1.0}, top_k=2,
+    _, stats, _ = decode(FakeGen(), sentiment_scorer(), TQ(weights={"sentiment": 1.0}, top_k=2,
                                                                        rollout_tokens=0), max_tokens=3)
     assert stats.extra["rollout_s"] == 0.0
 
@@ -764,113 +772,79 @@ def test_engine_lora_requests_resolve_only_configured_adapters():
             split_lora({"lora_request": bad}, adapters)
 
 
-# --- server/methods.py::_transfer_q against fake deployment handles --------------------------------
+# --- the TransferQ / ARGS methods (decoders/transfer_q.py) on fake handles ---------------------------
 
-class _Remote:
-    def __init__(self, fn):
-        self.fn = fn
+def _method(alignment: dict, *, baselines=None, **sampling):
+    """The request's method with a context of fakes (the real engine/reward clients are adapters)."""
+    from decoders import registry
+    from decoders.base import DecodeRequest, MethodContext
+    from server.protocol import parse_alignment
 
-    async def remote(self, *args):
-        return self.fn(*args)
-
-
-class _FakeTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return FakeGen().decode(ids)
-
-    def encode(self, text, add_special_tokens=False):
-        return FakeGen().encode(text)
-
-
-def _fake_ctx(alignment: dict, *, baselines=None, **sampling):
-    import types
-
-    from server.events import Outcome
-    from server.protocol import AlignmentParams
-
-    fake = FakeGen()
-
-    def generate(prompts, params, rid):
-        out = []
-        for comps in _sync(fake.generate(prompts, params)):
-            out.append([{"text": c.text, "token_ids": c.token_ids, "cumulative_logprob": c.cumulative_logprob,
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                         "logprobs": None if c.logprobs is None else [
-                             {"id": t, "logprob": lp.get(t, -9.0), "token": None,
-                              "top": [(tid, v, None) for tid, v in lp.items()]}
-                             for t, lp in zip(c.token_ids, c.logprobs)]} for c in comps])
-        return out
-
-    scorer = sentiment_scorer()
-    ingress = types.SimpleNamespace(
-        config=types.SimpleNamespace(limits=LimitsConfig()),
-        baselines=default_baseline_configs() if baselines is None else baselines,
-        render_chat=lambda msgs: list(CONTEXT), tokenizer=_FakeTokenizer(),
-        engine=types.SimpleNamespace(generate=_Remote(generate)),
-        rewards=types.SimpleNamespace(score=_Remote(lambda o, p, r: _sync(scorer.score(o, p, r)))),
-        objectives=objectives_for("sentiment", "safety"), stop_token_ids=[EOS])
-    a = AlignmentParams(**alignment)
-    ctx = types.SimpleNamespace(
-        req=types.SimpleNamespace(alignment=a, stream=False), ingress=ingress, method=a.method, rid="r1",
-        mixture=Mixture(weights=dict(a.weights), transform="raw"), prompt_ids=list(PROMPT), prompt_text="the prompt",
-        messages=[{"role": "user", "content": "hi"}], outcome=Outcome(prompt_tokens=2),
-        sampling={"n": 1, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.0,
-                  "presence_penalty": 0.0, "seed": None, "stop": None, **sampling})
-    return ctx, fake
+    params = parse_alignment(alignment)
+    request = DecodeRequest(prompt_ids=list(PROMPT), prompt_text="the prompt",
+                            messages=[{"role": "user", "content": "hi"}],
+                            sampling={"n": 1, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0,
+                                      "frequency_penalty": 0.0, "presence_penalty": 0.0, "seed": None, "stop": None,
+                                      **sampling})
+    ctx = MethodContext(engine=FakeGen(), scorer=sentiment_scorer(), objectives=objectives_for("sentiment", "safety"),
+                        limits=LimitsConfig(), stop_token_ids=[EOS],
+                        baselines=default_baseline_configs() if baselines is None else baselines,
+                        render_chat=lambda msgs: list(CONTEXT))
+    return registry.get(params.method)(params, request, ctx)
 
 
-def _sync(coro):
-    """Run a fake's (never actually suspending) coroutine to completion."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise RuntimeError("fake coroutine suspended")
-
-
-
-def _events(ctx):
-    from server import methods
-
+def _events(method):
     async def collect():
-        return [ev async for ev in methods.run(ctx)]
+        await method.prepare()
+        return [ev async for ev in method.decode()]
     return run(collect())
 
 
 def test_methods_args_needs_no_baseline():
-    ctx, fake = _fake_ctx({"method": "args", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1}, baselines={})
-    evs = _events(ctx)
-    assert [type(e).__name__ for e in evs][-1] == "Finish"
-    r = ctx.outcome.receipt
-    assert r["method"] == "args" and r["baseline"] is None and r["cost"]["rollouts"] == 0
+    m = _method({"method": "args", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1}, baselines={})
+    evs = _events(m)
+    assert [type(e).__name__ for e in evs][-2:] == ["Finish", "TransferQReceipt"]
+    r = evs[-1].wire()
+    assert r["method"] == "args" and r.get("baseline") is None and r["cost"]["rollouts"] == 0
+    assert r["rollout_tokens"] == 0 and r["top_k"] == 2 and r["transfer"] == "none"
     # transfer_q on the same server (no baseline) is the 400 naming alignment.baseline
-    ctx, _ = _fake_ctx({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2}, baselines={})
+    m = _method({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2}, baselines={})
     with pytest.raises(ParamError) as ei:
-        _events(ctx)
+        _events(m)
     assert ei.value.param == "alignment.baseline"
 
 
 def test_methods_transfer_q_refuses_penalties_and_honors_stop():
-    from server.errors import BadRequest
-
     for field in ("frequency_penalty", "presence_penalty"):
-        ctx, _ = _fake_ctx({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1},
-                           **{field: 0.5})
-        with pytest.raises(BadRequest) as ei:
-            _events(ctx)
-        assert ei.value.param == field and ei.value.status_code == 400
+        m = _method({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1}, **{field: 0.5})
+        with pytest.raises(ParamError) as ei:
+            run(m.prepare())
+        assert ei.value.param == field
     # stop strings: default dist picks "good" every step -> "good good" completes the stop string "d g"
-    ctx, _ = _fake_ctx({"method": "args", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1}, stop=["d g"])
-    evs = _events(ctx)
+    m = _method({"method": "args", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1}, stop=["d g"])
+    evs = _events(m)
     text = "".join(e.text for e in evs if type(e).__name__ == "Delta")
     finish = [e for e in evs if type(e).__name__ == "Finish"]
     assert text == "goo" and finish[0].reason == "stop"
 
 
 def test_methods_added_latency_counts_scoring_and_rollouts():
-    ctx, _ = _fake_ctx({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1,
-                        "rollout_tokens": 2})
-    _events(ctx)
-    t = ctx.outcome.receipt["timing"]
-    assert ctx.outcome.added_latency_s >= t["scoring_s"] - 1e-4
-    assert ctx.outcome.added_latency_s <= t["scoring_s"] + t["generation_s"] + 1e-3
+    m = _method({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2, "block": 1,
+                 "rollout_tokens": 2})
+    receipt = _events(m)[-1]
+    t = receipt.timing
+    assert receipt.added_latency_s >= t.scoring_s - 1e-4
+    assert receipt.added_latency_s <= t.scoring_s + t.generation_s + 1e-3
+
+
+def test_methods_budget_counts_rollouts_blocks_and_tokens():
+    """Admission counts work: steps x (candidates + rollouts), not just sequences."""
+    heavy = _method({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 50, "block": 1,
+                     "rollout_tokens": 64}, max_tokens=512).budget()
+    assert heavy.sequences == 50 and heavy.tokens == 512 * (1 + 50 * 64) and heavy.scores == 512 * 50 + 1
+    assert heavy.knobs[0] == "alignment.top_k" and "alignment.rollout_tokens" in heavy.knobs
+    default = _method({"method": "transfer_q", "weights": {"sentiment": 1.0}}, max_tokens=256).budget()
+    assert default.tokens == 16 * 4 * (16 + 16) and default.sequences == 4
+    args = _method({"method": "args", "weights": {"sentiment": 1.0}, "block": 8}, max_tokens=64, n=2,
+                   temperature=1.0).budget()
+    assert args.tokens == 2 * 8 * 4 * 8 and args.knobs[0] == "n"

@@ -13,8 +13,8 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from decoders import vas
-from decoders.vas import VAS_CONFIG_ENV, VASLogitsProcessor, parse_vas_params
+from decoders import vas_processor as vas
+from decoders.vas_processor import VAS_CONFIG_ENV, VASLogitsProcessor, parse_vas_params
 from decoders.value_model import KVCache, LlamaTrunk, LlamaTrunkConfig, ValueHead, ValueModel
 
 VOCAB = 12

