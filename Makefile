@@ -9,7 +9,7 @@ PORT   ?= 8000
 EXTRA  ?= cpu
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install serve test test-unit bench bench-alignment bench-vas loadtest eval train-values clean
+.PHONY: install serve test test-unit bench bench-alignment bench-vas loadtest eval train-values gpu-check clean
 
 install: $(STAMP)
 
@@ -65,6 +65,11 @@ locust: install
 	@mkdir -p out/locust
 	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u $(LOCUST_USERS) -r $(LOCUST_RATE) \
 		-t $(LOCUST_TIME) --host http://$(HOST):$(PORT) --csv out/locust/run --only-summary
+
+# On a machine with an NVIDIA GPU: a fresh .venv-gpu with the gpu extra, the GPU config served, the
+# integration tests and short benchmarks against it; the report is out/gpu-check/report.md.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

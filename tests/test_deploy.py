@@ -217,7 +217,8 @@ def test_rayservice_structure(overlay):
         for c in containers:
             # The overlay's `images:` must have replaced the base's placeholder.
             assert "/" in c["image"] and ":" in c["image"].rsplit("/", 1)[-1], c["image"]
-            assert f"-{overlay}" in c["image"], c["image"]
+            # (gpu-tp2 builds on the gpu overlay: the same image)
+            assert f"-{overlay.split('-')[0]}" in c["image"], c["image"]
             ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
             assert ports.get("metrics") == 8080, (name, ports)
             if name == "head":
@@ -336,7 +337,9 @@ def test_serve_config_validates(name):
     app = app_of(cfg)
     assert app["name"] == APP_NAME and app["route_prefix"] == "/"
     sc = server_config(cfg)
-    assert sc.model == "embedded:SmolLM2-135M-Instruct"
+    # The tensor-parallel variant is for a model larger than one GPU (the embedded 135M one does not split).
+    assert sc.model == ("embedded:SmolLM2-135M-Instruct" if sc.engine.tensor_parallel_size == 1
+                        else "/models/Llama-3.1-8B-Instruct")
     assert sc.limits.max_prompt_tokens + sc.limits.max_tokens <= sc.engine.max_model_len
     assert sc.limits.default_max_tokens <= sc.limits.max_tokens
     assert sc.engine.max_logprobs >= sc.limits.max_top_k  # Transfer Q* reads the base top-k
@@ -355,14 +358,16 @@ def _sizes(sc: ServerConfig):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_serve_configs_agree(overlay):
     local, cluster = server_config(local_serve_config()), server_config(serve_config_v2(overlay))
-    for field in ("model", "served_model_name", "limits", "objectives", "value_models", "baselines",
-                  "api_keys", "api_keys_file", "metrics_require_auth"):
+    same = ("limits", "objectives", "baselines", "api_keys", "api_keys_file", "metrics_require_auth")
+    if cluster.engine.tensor_parallel_size == 1:  # the TP variant serves another model (and its own value models)
+        same += ("model", "served_model_name", "value_models")
+    for field in same:
         assert getattr(cluster, field) == getattr(local, field), field
     if overlay == "cpu":
         assert cluster.engine == local.engine
     else:
         assert cluster.engine.max_model_len == local.engine.max_model_len
-    assert cluster.model_name == local.model_name
+    assert cluster.model_name == local.model_name or cluster.engine.tensor_parallel_size > 1
     # One ingress replica: it owns the registry behind GET /metrics (see deploy/k8s/base/podmonitor.yaml).
     for sc in (local, cluster):
         assert sc.ingress.autoscaling is None and sc.ingress.num_replicas == 1
@@ -398,12 +403,15 @@ def test_deployments_fit_the_workers(overlay):
     cpus, gpus, max_workers = worker_resources(rs)
     needed = 0.0
     for field, d in _sizes(sc).items():
+        # A tensor/pipeline-parallel engine replica takes one GPU bundle per rank, packed on one worker pod.
+        ranks = sc.engine.tensor_parallel_size * sc.engine.pipeline_parallel_size if field == "engine_deployment" else 1
+        gpus_per_replica = d.num_gpus * ranks
         assert d.num_cpus <= cpus, f"{field} needs {d.num_cpus} CPUs; a worker has {cpus}"
-        assert d.num_gpus <= gpus, f"{field} needs {d.num_gpus} GPUs; a worker has {gpus}"
+        assert gpus_per_replica <= gpus, f"{field} needs {gpus_per_replica} GPUs; a worker has {gpus}"
         replicas = d.autoscaling["max_replicas"] if d.autoscaling else int(d.num_replicas)
         needed += replicas * d.num_cpus
         if d.num_gpus:
-            assert replicas * d.num_gpus <= gpus * max_workers, f"{field}: not enough GPU workers at max scale"
+            assert replicas * gpus_per_replica <= gpus * max_workers, f"{field}: not enough GPU workers at max scale"
     assert needed <= cpus * max_workers, f"{needed} CPUs at max scale, workers give {cpus * max_workers}"
 
 
@@ -424,6 +432,15 @@ def test_build_app_from_config(name):
         want, d = getattr(sc, field), deployments[dep_name]
         dc = d._deployment_config  # noqa: SLF001
         assert dc.max_ongoing_requests == want.max_ongoing_requests, dep_name
+        world = sc.engine.tensor_parallel_size * sc.engine.pipeline_parallel_size
+        if dep_name == "EngineDeployment" and world > 1:
+            # One bundle per GPU; the replica actor shares the first one (its CPUs), vLLM's workers the GPUs.
+            rc = d._replica_config  # noqa: SLF001
+            assert rc.placement_group_bundles == [{"CPU": want.num_cpus, "GPU": want.num_gpus}] + [
+                {"GPU": want.num_gpus}] * (world - 1)
+            assert rc.placement_group_strategy == want.placement_strategy == "STRICT_PACK"
+            assert d.ray_actor_options["num_gpus"] == 0
+            continue
         assert d.ray_actor_options["num_cpus"] == want.num_cpus and d.ray_actor_options["num_gpus"] == want.num_gpus
         if want.autoscaling:
             assert dc.autoscaling_config is not None

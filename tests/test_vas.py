@@ -204,7 +204,7 @@ def test_batch_updates_keep_per_request_state(fakes):
     step(4)
     assert proc.num_vas_rows == 3
     proc.update_state(upd(0, removed=[2, 1, 0]))
-    assert proc.num_vas_rows == 0 and proc._stats == {}
+    assert proc.num_vas_rows == 0 and proc.core.stats == {}
 
 
 def test_unidirectional_move_per_request_isolation(fakes):
@@ -282,16 +282,23 @@ def test_stats_file_and_kl_by_hand(fakes, tmp_path):
     assert data2["steps"] == 2 and data2["kl"] > data["kl"]
     # preempted and re-added: the receipt continues from the file (the engine deletes it at finish)
     proc.update_state(upd(0, removed=[0]))
-    assert proc.num_vas_rows == 0 and proc._stats == {}
+    assert proc.num_vas_rows == 0 and proc.core.stats == {}
     proc.update_state(upd(1, added=[(0, params("req-1", beta=2.0, top_k=3), [1, 1], out)]))
     proc.apply(logits.clone())
     assert json.loads((tmp_path / "req-1.json").read_text())["steps"] == 3
     assert trunk.calls[-1] == [[2]]  # parked cache reused: only the token it had not seen
 
 
+EOS = 0
+
+
+def _only_eos(row: torch.Tensor) -> bool:
+    return bool(torch.isfinite(row[EOS])) and bool(torch.isinf(torch.cat([row[:EOS], row[EOS + 1:]])).all())
+
+
 def test_value_model_fault_is_reported_not_fatal(fakes, tmp_path):
-    """A value model that raises: the engine step survives, the affected rows keep the base logits
-    and stop being steered, their receipts carry the error; other requests are steered as usual."""
+    """A value model that raises: the engine step survives, the affected request is stopped at once
+    (EOS forced) and its receipt carries the error; a request added later is steered as usual."""
     trunk, vms = fakes
 
     class Broken(FakeValueModel):
@@ -299,20 +306,47 @@ def test_value_model_fault_is_reported_not_fatal(fakes, tmp_path):
             raise RuntimeError("head exploded")
 
     vms["safety"] = Broken(trunk, v_safety)
-    proc = VASLogitsProcessor(None, "cpu", False, value_models=vms, stats_dir=tmp_path)
+    proc = VASLogitsProcessor(None, "cpu", False, value_models=vms, stats_dir=tmp_path, eos_token_ids=[EOS])
     proc.update_state(upd(1, added=[(0, params("bad", weights={"safety": 1.0}), [1, 2], [])]))
     logits = rand_logits(1)
-    torch.testing.assert_close(proc.apply(logits.clone()), logits, rtol=0, atol=0)
+    assert _only_eos(proc.apply(logits.clone())[0])
     assert "head exploded" in json.loads((tmp_path / "bad.json").read_text())["error"]
     calls = len(trunk.calls)
-    torch.testing.assert_close(proc.apply(logits.clone()), logits, rtol=0, atol=0)
+    assert _only_eos(proc.apply(logits.clone())[0])
     assert len(trunk.calls) == calls  # a failed request is not steered any more
     proc.update_state(upd(2, added=[(1, params("good", weights={"sentiment": 1.0}), [2, 7], [])]))
     logits = rand_logits(2, seed=1)
     got = proc.apply(logits.clone())
-    torch.testing.assert_close(got[0], logits[0], rtol=0, atol=0)
+    assert _only_eos(got[0])
     torch.testing.assert_close(got[1], expected_row(logits[1], [2, 7], {"sentiment": 1.0}, 2.0, 3), rtol=0, atol=1e-5)
     assert "error" not in json.loads((tmp_path / "good.json").read_text())
+
+
+def test_a_fault_in_one_request_does_not_fail_the_others_in_its_batch(fakes, tmp_path):
+    """A value model that fails on one request's state only (here: a state holding token 11): the
+    batched step fails, each row is retried alone; only that request fails, the others are steered
+    in the same step as if alone."""
+    trunk, vms = fakes
+
+    class PickyValueModel(FakeValueModel):
+        def values(self, h, cands):
+            if any(int(s) >= 11 and int(s) % 11 == 0 for s in h[:, 1].tolist()):
+                raise RuntimeError("cannot score this state")
+            return super().values(h, cands)
+
+    vms["sentiment"] = PickyValueModel(trunk, v_sentiment)
+    proc = VASLogitsProcessor(None, "cpu", False, value_models=vms, stats_dir=tmp_path, eos_token_ids=[EOS])
+    proc.update_state(upd(3, added=[(0, params("ok-1"), [1, 2], []), (1, params("poison"), [11], []),
+                                    (2, params("ok-2"), [3, 4], [])]))
+    logits = rand_logits(3, seed=4)
+    got = proc.apply(logits.clone())
+    assert _only_eos(got[1])
+    for i, toks in ((0, [1, 2]), (2, [3, 4])):
+        torch.testing.assert_close(got[i], expected_row(logits[i], toks, {"sentiment": 1.0}, 2.0, 3), rtol=0, atol=1e-5)
+    assert "cannot score" in json.loads((tmp_path / "poison.json").read_text())["error"]
+    for rid in ("ok-1", "ok-2"):
+        data = json.loads((tmp_path / f"{rid}.json").read_text())
+        assert "error" not in data and data["steps"] == 1
 
 
 def test_zero_beta_is_topk_only_and_zero_kl_when_k_covers(fakes, tmp_path):
