@@ -39,6 +39,9 @@ class ParamError(ValueError):
         self.param = param
         self.code = code
 
+    def __reduce__(self):  # picklable across Ray with its fields
+        return (_rebuild, (self.__class__, self.message, {"param": self.param, "code": self.code}))
+
 
 class AlignmentFailure(RuntimeError):
     """A reward or value model failed (or timed out) while aligning an answer: the server answers
@@ -49,6 +52,13 @@ class AlignmentFailure(RuntimeError):
         self.message = message
         self.code = code
         self.component = component
+
+    def __reduce__(self):  # picklable across Ray with its fields
+        return (_rebuild, (self.__class__, self.message, {"code": self.code, "component": self.component}))
+
+
+def _rebuild(cls, message, kwargs):
+    return cls(message, **kwargs)
 
 
 # ----------------------------------------------------------------------------- wire-level value types
@@ -90,17 +100,19 @@ class TopLogprob(NamedTuple):
 
 @dataclass
 class TokenLogprob:
-    """One generated token's log-prob record, from the engine to the renderer (raw logprobs, before
-    any logits processor, as vLLM returns them); ``top`` is the top candidates, most likely first."""
+    """One token's log-prob record, from the engine to the renderer (raw logprobs, before any logits
+    processor, as vLLM returns them); ``top`` is the top candidates, most likely first. A prompt's
+    first token has none (``logprob`` None)."""
     id: int
-    logprob: float
+    logprob: float | None
     token: str | None
     top: list[TopLogprob]
 
     def as_map(self) -> dict[int, float]:
         """{token id: logprob} of the top candidates and the chosen token."""
         out = {t.id: t.logprob for t in self.top}
-        out[self.id] = self.logprob
+        if self.logprob is not None:
+            out[self.id] = self.logprob
         return out
 
 
@@ -121,10 +133,12 @@ class Completion:
 
 @dataclass
 class StreamChunk:
-    """One engine step of a streamed request: the deltas of its choices, and, once a VAS choice
-    finishes, its value-model statistics (``{index: VASStats dict}``)."""
+    """One engine step of a streamed request: the deltas of its choices; on the first chunk the
+    prompt's log-probs when ``prompt_logprobs`` was asked for; once a VAS choice finishes, its
+    value-model statistics (``{index: VASStats dict}``)."""
     outputs: list[Completion]
     vas: dict[int, dict[str, Any]] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Engine(Protocol):
@@ -248,6 +262,8 @@ class DecodeRequest:
     sampling: dict[str, Any]
     messages: list[dict[str, Any]] | None = None   # chat requests: the messages (rollout contexts)
     stream: bool = False
+    # Completions: the answer starts with the prompt (with its log-probs when `logprobs` is set).
+    echo: bool = False
 
     @property
     def n(self) -> int:
@@ -281,6 +297,7 @@ class MethodContext:
     baselines: Mapping[str, Any] = field(default_factory=dict)   # name -> decoders.baselines.BaselineConfig
     value_models: frozenset[str] = frozenset()   # objectives the engine's VAS processor can steer
     render_chat: Any = None                       # messages -> prompt token ids (chat template)
+    max_model_len: int = 2048                     # the engine's context (prompt + everything generated)
 
 
 @dataclass
@@ -350,6 +367,8 @@ class Method(ABC):
     summary: ClassVar[str] = ""
     # How the answer streams: "tokens" | "blocks" | "whole" (documentation and the objectives endpoint).
     streams: ClassVar[str] = "tokens"
+    # Whether the method honors `echo` (completions); the server refuses echo for the others.
+    echoes: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, request: DecodeRequest, ctx: MethodContext):
         self.params = params

@@ -17,14 +17,29 @@ class PlainParams(MixtureParams):
 async def stream_choices(method: Method, sampling: dict[str, Any], texts: dict[int, str],
                          chunks: list[StreamChunk] | None = None) -> AsyncIterator[Event]:
     """Delta/Finish events of one engine stream; collects each choice's text into ``texts`` and the
-    raw chunks that carry value-model statistics into ``chunks``."""
-    async for chunk in method.ctx.engine.stream(method.request.prompt_ids, sampling):
+    raw chunks that carry value-model statistics into ``chunks``. With ``echo`` (completions) each
+    choice starts with the prompt (and its log-probs, when asked for); ``max_tokens: 0`` then
+    generates nothing: vLLM samples one token, which is dropped."""
+    req = method.request
+    echo_only = False
+    if req.echo:
+        sampling = dict(sampling)
+        if sampling.get("logprobs") is not None:
+            sampling["prompt_logprobs"] = sampling["logprobs"]
+        if sampling["max_tokens"] == 0:
+            sampling["max_tokens"], echo_only = 1, True
+    echoed = not req.echo
+    async for chunk in method.ctx.engine.stream(req.prompt_ids, sampling):
+        if not echoed:
+            echoed = True
+            for i in range(req.n):
+                yield Delta(i, req.prompt_text, [], chunk.prompt_logprobs)
         for c in chunk.outputs:
-            if c.token_ids or c.text:
+            if (c.token_ids or c.text) and not echo_only:
                 texts[c.index] = texts.get(c.index, "") + c.text
                 yield Delta(c.index, c.text, list(c.token_ids), c.logprobs)
             if c.finish_reason:
-                yield Finish(c.index, c.finish_reason)
+                yield Finish(c.index, "length" if echo_only else c.finish_reason)
         if chunks is not None and chunk.vas:
             chunks.append(chunk)
 
@@ -51,6 +66,7 @@ class Plain(Method):
     Params = PlainParams
     summary = "Plain decoding; with `weights`, the answer is also scored and the receipt shows its rewards."
     streams = "tokens"
+    echoes = True
 
     async def prepare(self) -> None:
         self.mixture = self.params.mixture(self.ctx.objectives, self.ctx.limits)

@@ -21,12 +21,13 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from decoders.base import FiniteFloat, Limits, MethodParams, ParamError, Text, need
+from decoders.base import AlignmentFailure, FiniteFloat, Limits, MethodParams, ParamError, Text, need
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
 
 REWARD_STATS_PATH = Path(__file__).resolve().parent / "data" / "reward_stats.json"
 TRANSFORMS = ("raw", "standardize", "log_sigmoid")
+MAX_CAP = 1e6  # caps beyond it are refused: |weight * transform(cap)| stays finite
 STD_FLOOR = 1e-3
 OBJECTIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -52,12 +53,16 @@ class ObjectiveConfig(BaseModel):
     reference: float | None = None
 
 
-class RewardError(RuntimeError):
-    """A reward model failed or returned a non-finite score (maps to an alignment error)."""
+class RewardError(AlignmentFailure):
+    """A reward model failed or returned a non-finite score: an alignment error (502), never an
+    unscored answer."""
 
-    def __init__(self, objective: str, message: str):
-        super().__init__(f"objective {objective!r}: {message}")
-        self.objective = objective
+    def __init__(self, objective: str, reason: str):
+        super().__init__(f"objective {objective!r}: {reason}", code="reward_failed", component="reward")
+        self.objective, self.reason = objective, reason
+
+    def __reduce__(self):  # picklable across Ray with its fields
+        return (self.__class__, (self.objective, self.reason))
 
 
 class MixtureError(ValueError):
@@ -482,6 +487,9 @@ class Mixture:
                 raise MixtureError(param, f"cap on {name!r}, which has no weight > 0 in this mixture")
             if not _is_number(cap) or not math.isfinite(cap):
                 raise MixtureError(param, f"cap of {name!r} must be a finite number, got {cap!r}")
+            if abs(cap) > MAX_CAP:
+                # A cap far outside any reward's range only makes the mixed score overflow.
+                raise MixtureError(param, f"cap of {name!r} must be in [-{MAX_CAP:g}, {MAX_CAP:g}], got {cap!r}")
         for name in self.active():
             obj = objectives[name]
             if self.transform == "standardize" and (obj.mean is None or obj.std is None):
@@ -519,6 +527,9 @@ class Mixture:
                 values.append(t)
                 mixed[i] += w * t
             transformed[name] = values
+        if not all(math.isfinite(m) for m in mixed):
+            # Never rank, stream or return a score JSON cannot carry (e.g. an hf_classifier's huge logits).
+            raise RewardError(",".join(active), "the mixed score is not finite")
         return transformed, mixed
 
 

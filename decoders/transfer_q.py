@@ -343,7 +343,8 @@ class TransferQSearch:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] | None = None,
                  target: RolloutTarget | None = None,
-                 on_block: Callable[[str, list[int]], Awaitable[None] | None] | None = None):
+                 on_block: Callable[[str, list[int]], Awaitable[None] | None] | None = None,
+                 max_model_len: int | None = None):
         self.engine, self.scorer, self.mixture, self.objectives = engine, scorer, mixture, objectives
         self.params = params
         self.prompt_ids, self.prompt_text, self.max_tokens = list(prompt_ids), prompt_text, max_tokens
@@ -353,6 +354,7 @@ class TransferQSearch:
         self.hold = max((len(s) for s in self.stops), default=1) - 1   # chars held back while streaming
         self.target = target
         self.on_block = on_block
+        self.max_model_len = max_model_len
         self.k, self.block = int(params.top_k), int(params.block)
         self.args_mode = params.rollout_tokens <= 0
         self.scoring = params.alpha != 0
@@ -489,6 +491,10 @@ class TransferQSearch:
         live = [i for i, c in enumerate(cands) if not c.terminal]
         roll_n = 0 if self.args_mode else min(int(self.params.rollout_tokens),
                                               self.max_tokens - len(self.out) - step_len)
+        if roll_n > 0 and self.max_model_len is not None:
+            # Near the end of a long answer the rollouts get shorter, never past the engine's context.
+            longest = len(self.target.context_ids) + len(self.out) + max(len(c.ids) for c in cands)
+            roll_n = min(roll_n, self.max_model_len - longest)
         rolled: dict[int, Completion] = {}
         if roll_n > 0 and live:
             rp = {"stop_token_ids": sorted(self.stop), "n": 1, "max_tokens": roll_n, "temperature": 0.0}
@@ -653,7 +659,8 @@ class ARGS(Method):
                 prompt_ids=req.prompt_ids, prompt_text=req.prompt_text, max_tokens=req.max_tokens,
                 temperature=req.sampling["temperature"], top_p=req.sampling["top_p"],
                 seed=None if seed is None else seed + i, stop_token_ids=self.ctx.stop_token_ids,
-                stop_strings=req.sampling.get("stop"), target=self.target, on_block=on_block).run()
+                stop_strings=req.sampling.get("stop"), target=self.target, on_block=on_block,
+                max_model_len=self.ctx.max_model_len).run()
 
         tasks = [asyncio.create_task(search(i)) for i in range(n)]
         waiter = asyncio.gather(*tasks)
@@ -730,3 +737,10 @@ class TransferQ(ARGS):
             raise ParamError(f"baseline {self.target.name!r} needs a separately served model, which this server "
                              f"does not run", param="alignment.baseline", code="baseline_unavailable")
         transfer_plan(self.params, self.mixture, self.target, self.ctx.objectives)  # refuses an unusable one now
+        room = self.ctx.max_model_len - len(self.target.context_ids) - 1
+        if req.max_tokens > room:
+            # The rollouts continue the baseline's context (the prompt with its system prompt) + the answer.
+            raise ParamError(f"the baseline's rollout context has {len(self.target.context_ids)} tokens: an answer "
+                             f"of max_tokens {req.max_tokens} would not fit the engine's context of "
+                             f"{self.ctx.max_model_len}; use max_tokens <= {max(room, 0)}", param="max_tokens",
+                             code="context_length_exceeded")

@@ -30,8 +30,9 @@ from server.config import ServerConfig
 from server.errors import APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, as_api_error
 from server.handles import EngineClient, RewardClient
 from server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, describe_error,
-                             method_cards, new_id)
-from server.rendering import DONE, ClosingStream, Outcome, Renderer, first_event, prepend, sse, with_deadline
+                             method_cards, new_id, register_names, with_registered_names)
+from server.rendering import (DONE, ClosingStream, Outcome, Renderer, first_event, merge_events, prepend, sse,
+                              with_deadline)
 
 logger = logging.getLogger("ray.serve")
 
@@ -115,7 +116,7 @@ _ERRORS_POST: dict[int | str, dict[str, Any]] = {
 def _openapi() -> dict[str, Any]:
     """FastAPI's schema, minus the 422 it documents for every body: validation errors here are 400s."""
     if app.openapi_schema is None:
-        schema = _default_openapi()
+        schema = with_registered_names(_default_openapi())
         for path in schema.get("paths", {}).values():
             for op in path.values():
                 op.get("responses", {}).pop("422", None)
@@ -189,6 +190,7 @@ class OpenAIIngress:
         # Registry metadata only (names, reference stats); scoring runs in the reward deployment.
         self.objectives = build_objectives(self.config.objectives)
         self.baselines = load_baselines(self.config.baselines, self.objectives)
+        register_names(list(self.objectives), list(self.baselines))  # listed in /openapi.json
         eos = {self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get("<|im_end|>")}
         self.stop_token_ids = sorted(t for t in eos if isinstance(t, int) and t >= 0)
         # The gate middleware runs before routing (no `self` there): configure it for this replica.
@@ -281,8 +283,8 @@ class OpenAIIngress:
         """Make the next `count` reward-scoring calls fail (`kind=fail`) or stall for `sleep_s`
         seconds (`kind=sleep`) (RewardDeployment.inject_faults)."""
         self._test_hooks(request)
-        if not 0 <= count <= 100:
-            raise BadRequest("count must be in [0, 100]", param="count")
+        if not 0 <= count <= 1000:
+            raise BadRequest("count must be in [0, 1000]", param="count")
         if kind not in ("fail", "sleep"):
             raise BadRequest("kind must be 'fail' or 'sleep'", param="kind")
         if not 0 <= sleep_s <= 600:
@@ -338,49 +340,66 @@ class OpenAIIngress:
 
     # -------------------------------------------------------------- request path
 
-    def _prompt(self, body, kind: str) -> tuple[list[int], str, list[dict[str, Any]] | None, str]:
-        """(prompt ids, prompt text, chat messages, the request field they came from)."""
+    def _prompts(self, body, kind: str) -> list[tuple[list[int], str, list[dict[str, Any]] | None]]:
+        """Each prompt of the request: (token ids, text, chat messages). A batched completion has several."""
         if kind == "chat":
             messages = body.chat_messages()
             user_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"),
                              messages[-1]["content"])
-            return self.render_chat(messages), user_text, messages, "messages"
-        if isinstance(body.prompt, str):
-            return self.tokenizer.encode(body.prompt, add_special_tokens=False), body.prompt, None, "prompt"
+            return [(self.render_chat(messages), user_text, messages)]
+        out = []
         vocab = len(self.tokenizer)
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in body.prompt):
-            raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        ids = list(body.prompt)
-        return ids, self.tokenizer.decode(ids), None, "prompt"
+        for p in body.prompts():
+            if isinstance(p, str):
+                out.append((self.tokenizer.encode(p, add_special_tokens=False), p, None))
+                continue
+            if any(t < 0 or t >= vocab for t in p):
+                raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            out.append((list(p), self.tokenizer.decode(p), None))
+        return out
 
-    async def _method(self, body, kind: str, rid: str) -> tuple[Method, DecodeRequest]:
-        """The request's method, prepared (its own checks run): ParamError/APIError on bad input."""
+    async def _methods(self, body, kind: str, rid: str) -> list[Method]:
+        """The request's method, one per prompt, prepared (its own checks run): ParamError/APIError on
+        bad input. Chat templating and tokenizing run off the event loop, after the cheap checks."""
         limits = self.config.limits
         body.check_limits(limits)
-        prompt_ids, prompt_text, messages, param = await asyncio.to_thread(self._prompt, body, kind)
-        if not prompt_ids:
-            raise BadRequest("prompt is empty", param=param, code="empty_prompt")
+        param = "messages" if kind == "chat" else "prompt"
+        prompts = await asyncio.to_thread(self._prompts, body, kind)
+        cls = registry.get(body.method)
+        echo = bool(getattr(body, "echo", False))
+        if echo and not cls.echoes:
+            raise BadRequest(f"echo is not supported by method '{body.method}'", param="echo")
+        value_models = frozenset(await self._value_models()) if body.method == "vas" else frozenset()
         max_prompt = min(limits.max_prompt_tokens, self.max_model_len - 1)
-        if len(prompt_ids) > max_prompt:
-            raise BadRequest(f"prompt has {len(prompt_ids)} tokens; the limit is {max_prompt}",
-                             param=param, code="context_length_exceeded")
-        request = DecodeRequest(prompt_ids=prompt_ids, prompt_text=prompt_text, messages=messages,
-                                sampling=body.to_sampling_params(limits, len(prompt_ids), self.max_model_len),
-                                stream=bool(body.stream))
-        ctx = MethodContext(
-            engine=EngineClient(self.engine, self.tokenizer, rid, delta=request.stream),
-            scorer=RewardClient(self.rewards, limits.reward_timeout_s, rid),
-            objectives=self.objectives, limits=limits, stop_token_ids=self.stop_token_ids, baselines=self.baselines,
-            value_models=frozenset(await self._value_models()) if body.method == "vas" else frozenset(),
-            render_chat=self.render_chat)
-        method = registry.get(body.method)(body.params, request, ctx)
-        await method.prepare()
-        return method, request
+        methods = []
+        for i, (prompt_ids, prompt_text, messages) in enumerate(prompts):
+            if not prompt_ids:
+                raise BadRequest("prompt is empty", param=param, code="empty_prompt")
+            if len(prompt_ids) > max_prompt:
+                raise BadRequest(f"prompt has {len(prompt_ids)} tokens; the limit is {max_prompt}",
+                                 param=param, code="context_length_exceeded")
+            request = DecodeRequest(prompt_ids=prompt_ids, prompt_text=prompt_text, messages=messages,
+                                    sampling=body.to_sampling_params(limits, len(prompt_ids), self.max_model_len),
+                                    stream=bool(body.stream), echo=echo)
+            # Every engine request of the API request has an id starting with `rid` (one abort stops all).
+            sub_id = rid if len(prompts) == 1 else f"{rid}-p{i}"
+            ctx = MethodContext(
+                engine=EngineClient(self.engine, self.tokenizer, sub_id, delta=request.stream),
+                scorer=RewardClient(self.rewards, limits.reward_timeout_s, rid),
+                objectives=self.objectives, limits=limits, stop_token_ids=self.stop_token_ids,
+                baselines=self.baselines, value_models=value_models, render_chat=self.render_chat,
+                max_model_len=self.max_model_len)
+            method = cls(body.params, request, ctx)
+            await method.prepare()
+            methods.append(method)
+        return methods
 
-    def _admit(self, method: Method) -> int:
+    def _admit(self, methods: list[Method]) -> int:
         """The request's share of the budget (sequences); 400 if it could never fit, 429 if not now."""
         limits = self.config.limits
-        b = method.budget()
+        b = methods[0].budget()
+        for m in methods[1:]:
+            b = b + m.budget()
         for amount, limit, name, unit in (
                 (b.sequences, limits.max_concurrent_cost, "max_concurrent_cost", "concurrent sequences"),
                 (b.tokens, limits.max_request_tokens, "max_request_tokens", "generated tokens"),
@@ -391,7 +410,7 @@ class OpenAIIngress:
                                  f"(limits.{name} = {limit}); lower {', '.join(b.knobs)}",
                                  param=b.knobs[0], code="request_too_costly")
         if self.cost_in_flight + b.sequences > limits.max_concurrent_cost:
-            metrics.REQUESTS_REJECTED.labels(method.name, "overload").inc()
+            metrics.REQUESTS_REJECTED.labels(methods[0].name, "overload").inc()
             raise Overloaded(f"server is at capacity ({self.cost_in_flight}/{limits.max_concurrent_cost} "
                              f"sequences in flight; this request costs {b.sequences}); retry later",
                              code="overloaded", headers={"Retry-After": "1"})
@@ -406,21 +425,23 @@ class OpenAIIngress:
         limits = self.config.limits
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         try:
-            method, dreq = await self._method(body, kind, rid)
+            methods = await self._methods(body, kind, rid)
         except Exception as e:  # noqa: BLE001 - refusals before admission: nothing to record or release
             raise as_api_error(e, rid) from e
-        sequences = self._admit(method)
-        flight = Flight(self, rid, method.name, sequences, bool(body.stream), len(dreq.prompt_ids), method.ctx.engine)
+        sequences = self._admit(methods)
+        first = methods[0]
+        flight = Flight(self, rid, first.name, sequences, bool(body.stream),
+                        sum(len(m.request.prompt_ids) for m in methods), EngineClient(self.engine, self.tokenizer, rid))
         self.cost_in_flight += sequences
-        metrics.REQUESTS_IN_FLIGHT.labels(method.name).inc()
-        renderer = Renderer(kind, rid, self.model_name, flight.outcome, logprobs=dreq.sampling.get("logprobs"),
+        metrics.REQUESTS_IN_FLIGHT.labels(first.name).inc()
+        renderer = Renderer(kind, rid, self.model_name, flight.outcome, logprobs=first.request.sampling.get("logprobs"),
                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        events = method.decode()
+        events = merge_events([m.decode() for m in methods], first.request.n)
         handed_off = False  # once the streaming response owns the flight's release
         try:
             if body.stream:
-                first = await asyncio.wait_for(first_event(events), timeout=limits.request_timeout_s)
-                stream = self._sse(flight, renderer, prepend(first, events))
+                head = await asyncio.wait_for(first_event(events), timeout=limits.request_timeout_s)
+                stream = self._sse(flight, renderer, prepend(head, events))
 
                 async def on_close() -> None:
                     flight.release()
@@ -437,8 +458,9 @@ class OpenAIIngress:
                 handed_off = True
                 return ClosingStream(stream, on_close, media_type="text/event-stream")
             payload = await asyncio.wait_for(renderer.collect(events), timeout=limits.request_timeout_s)
+            response = JSONResponse(payload)  # renders now: a value JSON cannot carry fails here, not after a 200
             flight.record(200)
-            return JSONResponse(payload)
+            return response
         except asyncio.TimeoutError:
             flight.record(504)
             await self._abort(flight)

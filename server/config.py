@@ -52,6 +52,8 @@ class EngineConfig(_Strict):
 class LimitsConfig(_Strict):
     """Per-request ranges and server-wide budgets; docs/limits_and_security.md says what happens past each."""
     max_prompt_tokens: int = 1536
+    max_messages: int = 256
+    max_prompts: int = 64
     max_tokens: int = 512
     default_max_tokens: int = 256
     max_n: int = 8

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from decoders.base import Completion, StreamChunk, TokenLogprob, TopLogprob
+from decoders.base import Completion, ParamError, StreamChunk, TokenLogprob, TopLogprob
 from decoders.base_model import resolve_model
 from server.config import ServerConfig
 
@@ -141,6 +141,24 @@ def lora_args(config: ServerConfig) -> dict[str, Any]:
     return {"enable_lora": True, "max_lora_rank": config.engine.max_lora_rank, "max_loras": max(config.engine.max_loras, 1)}
 
 
+async def refusals_as_param_errors(outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """vLLM's outputs; a request vLLM refuses at admission (its input validation: a VLLMClientError, or a
+    ValueError before the first output) becomes a ParamError, a 400 at the edge instead of a 500."""
+    from vllm.exceptions import VLLMClientError
+
+    started = False
+    try:
+        async for out in outputs:
+            started = True
+            yield out
+    except VLLMClientError as e:
+        raise ParamError(f"the engine refused the request: {e}", param=getattr(e, "parameter", None)) from None
+    except ValueError as e:
+        if started:
+            raise
+        raise ParamError(f"the engine refused the request: {e}") from None
+
+
 class Engine:
     """vLLM AsyncLLM behind the interface above; usable without Ray (tests, CLIs, benchmarks)."""
 
@@ -217,8 +235,11 @@ class Engine:
         extra = params.pop("extra_args", None)
         if extra is not None:
             extra = {"alignserve": {"request_id": request_id, **extra}}
-        sp = SamplingParams(**params, extra_args=extra,
-                            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+        try:
+            sp = SamplingParams(**params, extra_args=extra,
+                                output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+        except ValueError as e:  # vLLM's own checks of the sampling parameters: the request's fault
+            raise ParamError(f"the engine refused the request's sampling parameters: {e}") from None
         return sp, lora
 
     async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
@@ -240,14 +261,18 @@ class Engine:
                           index: int | None = None, delta: bool = True) -> AsyncIterator[StreamChunk]:
         sp, lora = self._sampling_params(params, request_id, delta=delta)
         wants_vas = bool(sp.extra_args and "vas" in sp.extra_args["alignserve"])
+        sent_prompt = False
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, sp, request_id,
-                                               lora_request=lora):
+            async for out in refusals_as_param_errors(self.llm.generate(
+                    {"prompt_token_ids": prompt_token_ids}, sp, request_id, lora_request=lora)):
                 choices = [_completion(c) for c in out.outputs]
                 if index is not None:
                     for c in choices:
                         c.index = index
                 chunk = StreamChunk(outputs=choices)
+                if out.prompt_logprobs is not None and sent_prompt is False:
+                    sent_prompt = True
+                    chunk.prompt_logprobs = self._prompt_records(prompt_token_ids, out.prompt_logprobs)
                 if out.finished and wants_vas:
                     chunk.vas = {index or 0: await self._vas_stats(request_id)}
                 yield chunk
@@ -289,12 +314,26 @@ class Engine:
         async def one(i: int, ids: list[int]) -> list[Completion]:
             sp, lora = self._sampling_params(params, f"{request_id}-{i}", delta=False)
             final = None
-            async for out in self.llm.generate({"prompt_token_ids": ids}, sp, f"{request_id}-{i}",
-                                               lora_request=lora):
+            async for out in refusals_as_param_errors(self.llm.generate(
+                    {"prompt_token_ids": ids}, sp, f"{request_id}-{i}", lora_request=lora)):
                 final = out
             return sorted((_completion(c) for c in final.outputs), key=lambda c: c.index)
 
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    def _prompt_records(self, prompt_ids: list[int], prompt_logprobs) -> list[TokenLogprob]:
+        """The prompt's log-prob records (echo): the first token has none, as in OpenAI's API."""
+        first = prompt_ids[0]
+        records = [TokenLogprob(id=first, logprob=None, token=self.tokenizer.decode([first]), top=[])]
+        for tok, step in zip(prompt_ids[1:], prompt_logprobs[1:]):
+            chosen = (step or {}).get(tok)
+            top = sorted((step or {}).items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+            records.append(TokenLogprob(
+                id=tok, logprob=chosen.logprob if chosen is not None else float("-inf"),
+                token=chosen.decoded_token if chosen is not None and chosen.decoded_token is not None
+                else self.tokenizer.decode([tok]),
+                top=[TopLogprob(tid, lp.logprob, lp.decoded_token) for tid, lp in top]))
+        return records
 
     # ------------------------------------------------------------------ VAS receipts
 

@@ -138,18 +138,33 @@ def _openai_order(schema: dict[str, Any], cls: type) -> None:
     schema["properties"] = {f: props[f] for f in order}
 
 
+def _refuse_unless(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 class _SamplingRequest(BaseModel):
-    """Fields shared by chat and completions, with their OpenAI defaults noted."""
+    """Fields shared by chat and completions, with their OpenAI defaults noted.
+
+    What OpenAI clients send is taken, or refused with a 400 naming the field where honoring it is
+    not possible (tools, structured output, audio): never silently dropped when it changes the answer.
+    Fields that do not (``metadata``, ``store``, ``service_tier``, ``prompt_cache_key``,
+    ``safety_identifier``, ``user``) are accepted and ignored; unknown fields are ignored as OpenAI does.
+    """
     model_config = ConfigDict(extra="ignore", json_schema_extra=_openai_order)
 
     model: Text
     frequency_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[Text, Float] | None = Field(default=None, description="token id -> bias in [-100, 100]")
     logprobs: Any = None
     max_tokens: Int | None = Field(default=None, ge=1)
+    metadata: dict[Text, Text] | None = None
     n: Int | None = Field(default=None, ge=1)
     presence_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
     seed: Int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    service_tier: Text | None = None
     stop: Text | list[Text] | None = None
+    store: Bool | None = None
     stream: Bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
@@ -175,7 +190,21 @@ class _SamplingRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        if v is not None and len(v) > 300:
+            raise ValueError("at most 300 logit_bias entries")
+        return v
 
     @field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")
     @classmethod
@@ -231,18 +260,49 @@ class _SamplingRequest(BaseModel):
             "seed": self.seed,
             "stop": self.stop,
         }
+        if self.logit_bias:
+            params["logit_bias"] = {int(k): float(b) for k, b in self.logit_bias.items()}
         k = self.num_logprobs()
         if k is not None:
             params["logprobs"] = k
         return params
 
 
+# Longest stop string (characters): every step checks each against the tail of the text.
+MAX_STOP_CHARS = 256
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        _refuse_unless(v == "text", f"response_format of type {v!r} is not supported (structured output would "
+                                    f"constrain decoding, which the alignment methods do not); use 'text'")
+        return v
+
+
 class ChatCompletionRequest(_SamplingRequest):
     REQUIRED_ORDER: ClassVar[tuple[str, ...]] = ("messages", "model")  # the schema's order (_openai_order)
     messages: list[ChatMessage] = Field(min_length=1)
+    audio: dict[str, Any] | None = None
+    function_call: Any = None
+    functions: list[dict[str, Any]] | None = None
     logprobs: Bool | None = False
     max_completion_tokens: Int | None = Field(default=None, ge=1)
+    modalities: list[Text] | None = None
+    parallel_tool_calls: Bool | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: Text | None = None
+    reasoning_effort: Text | None = None
+    response_format: ResponseFormat | None = None
+    safety_identifier: Text | None = None
+    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = None
     top_logprobs: Int | None = Field(default=None, ge=0, le=20)
+    verbosity: Text | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -250,6 +310,31 @@ class ChatCompletionRequest(_SamplingRequest):
         # `logprobs` is validated before `top_logprobs` (field order), so it is in `info.data`.
         if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs: true")
+        return v
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list | None, info) -> list | None:
+        _refuse_unless(not v, f"{info.field_name} (function calling) is not supported by this server")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any, info) -> Any:
+        _refuse_unless(v in (None, "none", "auto"), f"{info.field_name} {v!r} needs function calling, which this "
+                                                     f"server does not support; omit it or use 'none'")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, v: list[str] | None) -> list[str] | None:
+        _refuse_unless(v is None or set(v) <= {"text"}, "only the 'text' modality is supported")
+        return v
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, v: Any) -> Any:
+        _refuse_unless(v is None, "audio output is not supported")
         return v
 
     def requested_max_tokens(self) -> int | None:
@@ -264,34 +349,66 @@ class ChatCompletionRequest(_SamplingRequest):
         """The messages as the chat template takes them (``developer`` is the newer name of ``system``)."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
+    def check_limits(self, limits: LimitsConfig) -> None:
+        if len(self.messages) > limits.max_messages:
+            raise ParamError(f"at most {limits.max_messages} messages (limits.max_messages)", param="messages")
+        super().check_limits(limits)
+
 
 class CompletionRequest(_SamplingRequest):
+    """OpenAI's (legacy) completions, as lm-evaluation-harness and vLLM's clients use them: one prompt
+    or a batch (``string[]``, token ids ``int[]`` or ``int[][]``: choice ``i * n + j`` is prompt i's
+    j-th), and ``echo`` (the prompt is part of the answer, with its log-probs when ``logprobs`` is
+    set: ``max_tokens: 0`` scores a text without generating, how lm-eval scores choices)."""
     REQUIRED_ORDER: ClassVar[tuple[str, ...]] = ("model", "prompt")  # the schema's order (_openai_order)
-    prompt: Text | list[Text] | list[Int] = Field(...)
+    prompt: Text | list[Text] | list[Int] | list[list[Int]] = Field(...)
+    best_of: Int | None = Field(default=None, ge=1)
     echo: Bool | None = False
     logprobs: Int | None = Field(default=None, ge=0, le=5)
+    max_tokens: Int | None = Field(default=None, ge=0)
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
-            if len(v) != 1:
-                raise ValueError("batched prompts are not supported: send one prompt per request")
-            return v[0]
+    def _prompts(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
+            raise ValueError("token-id prompts must not be empty")
         return v
 
-    @field_validator("echo", "suffix")
+    @field_validator("suffix")
     @classmethod
-    def _unsupported(cls, v: Any, info) -> Any:
-        if v:
-            raise ValueError(f"{info.field_name} is not supported")
+    def _no_suffix(cls, v: Any) -> Any:
+        _refuse_unless(not v, "suffix (insertion) is not supported")
         return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info) -> int | None:
+        _refuse_unless(v is None or v == 1 or v == (info.data.get("n") or 1),
+                       "best_of > n is not supported here: use alignment {\"method\": \"best_of_n\", \"n\": ...} "
+                       "with a reward mixture")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt as text or as token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        if self.max_tokens == 0 and not self.echo:
+            raise ParamError("max_tokens 0 generates nothing: it needs echo (to score the prompt)", param="max_tokens")
+        if len(self.prompts()) > limits.max_prompts:
+            raise ParamError(f"at most {limits.max_prompts} prompts per request (limits.max_prompts)", param="prompt")
+        super().check_limits(limits)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -362,14 +479,16 @@ class CompletionLogprobs(BaseModel):
 
     @classmethod
     def of(cls, records: list[TokenLogprob], k: int, start_offset: int = 0) -> "CompletionLogprobs":
+        """From token records; a record without a log-prob (the first prompt token under ``echo``) is null."""
         tokens = [r.token or "" for r in records]
         offsets, pos = [], start_offset
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return cls(tokens=tokens, token_logprobs=[_clamp(r.logprob) for r in records],
-                   top_logprobs=[{t.token or "": _clamp(t.logprob) for t in r.top[:k]} for r in records],
-                   text_offset=offsets)
+        return cls(tokens=tokens, text_offset=offsets,
+                   token_logprobs=[None if r.logprob is None else _clamp(r.logprob) for r in records],
+                   top_logprobs=[None if r.logprob is None else {t.token or "": _clamp(t.logprob) for t in r.top[:k]}
+                                 for r in records])
 
 
 class _WithReceipt(BaseModel):
@@ -487,6 +606,35 @@ def method_cards() -> list[MethodCard]:
                  for f, info in cls.Params.model_fields.items() if f != "method"}
         cards.append(MethodCard(name=name, summary=cls.summary, streams=cls.streams, knobs=knobs))
     return cards
+
+
+# ----------------------------------------------------------------------------- the served schema
+
+_REGISTERED: dict[str, list[str]] = {"objectives": [], "baselines": []}
+
+
+def register_names(objectives: list[str], baselines: list[str]) -> None:
+    """What this server registered (set by the ingress): the OpenAPI schema lists them, so clients
+    (and the schema fuzzer) see which objectives and baselines a request may name."""
+    _REGISTERED["objectives"] = sorted(objectives)
+    _REGISTERED["baselines"] = sorted(baselines)
+
+
+def with_registered_names(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI schema with each method's ``weights`` / ``caps`` keys and ``baseline`` limited to
+    the registered names (in place; returns it)."""
+    objectives, baselines = _REGISTERED["objectives"], _REGISTERED["baselines"]
+    for comp in schema.get("components", {}).get("schemas", {}).values():
+        props = comp.get("properties", {})
+        if "method" not in props:
+            continue
+        for key in ("weights", "caps"):
+            if key in props and objectives:
+                props[key]["anyOf"] = [{"type": "object", "propertyNames": {"enum": objectives},
+                                        "additionalProperties": {"type": "number"}}, {"type": "null"}]
+        if "baseline" in props and baselines:
+            props["baseline"]["anyOf"] = [{"type": "string", "enum": baselines}, {"type": "null"}]
+    return schema
 
 
 __all__ = ["AlignmentParams", "ChatCompletionRequest", "CompletionRequest", "ValidationError", "parse_alignment"]

@@ -4,6 +4,7 @@ server/protocol.py. ``Outcome`` keeps what the request produced, for usage and m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -58,7 +59,8 @@ class Outcome:
 def sse(payload: dict[str, Any] | str) -> bytes:
     import json
 
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    # allow_nan=False: a value JSON cannot carry (NaN, Infinity) is an error here, never a chunk clients reject
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), allow_nan=False)
     return f"data: {data}\n\n".encode()
 
 
@@ -139,8 +141,9 @@ class Renderer:
             choice: Any = ChatChunkChoice(index=ev.index, delta=delta,
                                           logprobs=None if lp is None else ChatLogprobs.of(lp, self.k))
         else:
+            start = len(self.outcome.choices[ev.index].text) - len(ev.text)  # text offsets run on across chunks
             choice = CompletionChoice(index=ev.index, text=ev.text,
-                                      logprobs=None if lp is None else CompletionLogprobs.of(lp, self.k))
+                                      logprobs=None if lp is None else CompletionLogprobs.of(lp, self.k, start))
         return self._chunk([choice])
 
     def _finish_chunk(self, ev: Finish, started: set[int], receipt: Receipt | None) -> dict[str, Any]:
@@ -224,3 +227,74 @@ async def with_deadline(chunks: AsyncIterator[bytes], deadline: float,
         if pending is not None and not pending.done():
             await cancel_quietly(pending)
         await chunks.aclose()
+
+
+# ----------------------------------------------------------------------------- batched prompts
+
+async def merge_events(streams: list[AsyncIterator[Any]], n: int) -> AsyncIterator[Any]:
+    """The events of one method run per prompt (a batched completion), as one request's: choice j of
+    prompt i becomes choice ``i * n + j`` (OpenAI's order); the receipts become one (merge_receipts).
+    The prompts decode concurrently; a failure in one stops them all."""
+    if len(streams) == 1:
+        async for ev in streams[0]:
+            yield ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, events: AsyncIterator[Any]) -> None:
+        try:
+            async for ev in events:
+                await queue.put((i, ev))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    receipts: dict[int, Receipt] = {}
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, ev = await queue.get()
+            if ev is done:
+                remaining -= 1
+            elif isinstance(ev, BaseException):
+                raise ev
+            elif isinstance(ev, Receipt):
+                receipts[i] = ev
+            else:
+                ev = dataclasses.replace(ev, index=i * n + ev.index)
+                yield ev
+    finally:
+        for t in tasks:
+            t.cancel()
+    if receipts:
+        yield merge_receipts([receipts[i] for i in sorted(receipts)], n)
+
+
+def merge_receipts(receipts: list[Receipt], n: int) -> Receipt:
+    """One receipt for a batch: the knobs of the first, every prompt's choices (re-indexed), costs and
+    times summed, gains averaged."""
+    from decoders.base import Cost, Timing
+
+    merged = receipts[0].model_copy(deep=True)
+    merged.choices = [c.model_copy(update={"index": i * n + c.index})
+                      for i, r in enumerate(receipts) for c in (r.choices or [])] or None
+
+    def total(parts, cls):
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        keys = {k for p in parts for k, v in p.model_dump().items() if v is not None}
+        return cls(**{k: sum(getattr(p, k) or 0 for p in parts) for k in keys})
+
+    merged.cost = total([r.cost for r in receipts], Cost)
+    merged.timing = total([r.timing for r in receipts], Timing)
+    gains = [r.reward_gain for r in receipts if r.reward_gain]
+    if gains:
+        merged.reward_gain = {o: sum(g[o] for g in gains) / len(gains) for o in gains[0]}
+    means = [r.candidate_mean_mixed for r in receipts if r.candidate_mean_mixed is not None]
+    merged.candidate_mean_mixed = sum(means) / len(means) if means else None
+    merged._added_latency_s = sum(r.added_latency_s for r in receipts)
+    return merged

@@ -53,11 +53,21 @@ def test_best_of_8_raises_sentiment_with_receipt(client, model_name, base_sentim
 
 
 def test_weights_change_the_winner(client, model_name):
-    texts = {}
-    for w in ({"sentiment": 1}, {"brevity": 1}):
-        texts[tuple(w)] = [ask(client, model_name, p, {"method": "best_of_n", "n": 6, "weights": w}, seed=7)
-                           .choices[0].message.content for p in PROMPTS[:3]]
-    assert texts[("sentiment",)] != texts[("brevity",)]
+    """Same seeded candidates, other weights: a brevity weight picks shorter answers (never a winner
+    below the candidates' mean brevity), a sentiment weight more positive ones."""
+    from decoders.rewards import brevity_score
+
+    winners, gains = {}, []
+    for objective in ("sentiment", "brevity"):
+        rs = [ask(client, model_name, p, {"method": "best_of_n", "n": 6, "weights": {objective: 1}}, seed=7)
+              for p in PROMPTS[:3]]
+        winners[objective] = [r.choices[0].message.content for r in rs]
+        if objective == "brevity":
+            gains = [r.model_extra["alignment"]["reward_gain"]["brevity"] for r in rs]
+    assert winners["sentiment"] != winners["brevity"]
+    assert all(g >= 0 for g in gains) and any(g > 0 for g in gains), gains
+    brevity = {o: sum(brevity_score(t) for t in ts) / len(ts) for o, ts in winners.items()}
+    assert brevity["brevity"] > brevity["sentiment"], brevity
 
 
 def test_best_of_n_returns_top_n_and_transforms(client, model_name):

@@ -142,3 +142,49 @@ def test_metrics_exposes_method_labelled_series(server, client, model_name):
                  "alignserve_requests_in_flight"):
         assert name in text
     assert 'alignserve_requests_total{method="none",status="200"}' in text
+
+
+def test_batched_completion_prompts_as_openai_and_vllm_take_them(client, model_name):
+    """`prompt` as string[] or token ids int[][]: choice i*n+j is prompt i's j-th, in one response."""
+    tok = client.completions.create(model=model_name, prompt=["The sky is", "Two plus two is"], max_tokens=3,
+                                    temperature=0)
+    assert [c.index for c in tok.choices] == [0, 1] and all(c.text for c in tok.choices)
+    alone = client.completions.create(model=model_name, prompt="Two plus two is", max_tokens=3, temperature=0)
+    assert tok.choices[1].text == alone.choices[0].text   # each prompt decoded as if alone
+    ids = client.completions.create(model=model_name, prompt=[[504, 3570, 314], [504, 2563]], max_tokens=2, n=2,
+                                    temperature=1, seed=3)
+    assert [c.index for c in ids.choices] == [0, 1, 2, 3]
+    assert 4 <= ids.usage.completion_tokens <= 8 and ids.usage.prompt_tokens == 5
+
+
+def test_echo_returns_the_prompt_and_its_logprobs(client, model_name):
+    """How lm-evaluation-harness scores a choice: echo + logprobs, max_tokens 1 (or 0)."""
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model=model_name, prompt=prompt, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith(prompt) and len(c.text) > len(prompt)
+    assert r.usage.completion_tokens == 1 and len(lp.tokens) == r.usage.prompt_tokens + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None       # the first token has no context
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and "".join(lp.tokens) == c.text
+    assert lp.text_offset[0] == 0 and lp.text_offset[-1] == len(prompt)
+    # max_tokens 0: the prompt alone, scored; the same log-probs
+    z = client.completions.create(model=model_name, prompt=prompt, max_tokens=0, logprobs=1, echo=True, temperature=0)
+    assert z.choices[0].text == prompt and z.usage.completion_tokens == 0
+    assert z.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
+    # "Paris" after "The capital of France is" is far more likely than after a wrong context
+    wrong = client.completions.create(model=model_name, prompt="The capital of Japan is Paris", max_tokens=0,
+                                      logprobs=1, echo=True, temperature=0)
+    assert z.choices[0].logprobs.token_logprobs[-1] > wrong.choices[0].logprobs.token_logprobs[-1]
+
+
+def test_what_openai_clients_send_is_accepted(client, model_name):
+    r = client.chat.completions.create(
+        model=model_name, messages=[{"role": "developer", "content": "Answer in one word."},
+                                    {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}],
+        max_completion_tokens=4, user="u-1", metadata={"team": "a"}, store=False, response_format={"type": "text"},
+        frequency_penalty=0.2, presence_penalty=0.2, logit_bias={"0": -100}, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(r)
+    assert chunks[-1].usage.completion_tokens <= 4 and "".join(
+        c.choices[0].delta.content or "" for c in chunks if c.choices)

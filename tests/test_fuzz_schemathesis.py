@@ -9,11 +9,14 @@ requests that break it (negative); each response must:
     documented schema (every error is the OpenAI error body, ``ErrorResponse``).
 
 Bounded: MAX_EXAMPLES per operation and mode, derandomized, no shrinking phase, 60 s per request.
-Two changes to generated bodies keep it meaningful and cheap on CPU:
+The served schema lists the registered objectives and baselines (the keys of `alignment.weights` /
+`caps`, `alignment.baseline`), so generated requests reach every method with real objectives, not
+only 400s for unknown names. Changes to generated bodies keep it meaningful and cheap on CPU:
   * half of the bodies with a string `model` get the served model name: a random one is a 404
     before anything else is validated, so the fuzzer would never get past the model check;
   * with the served model, a valid `max_tokens` / `max_completion_tokens` is capped at 8 and a
-    missing one set to 8 (the server default, 256 tokens, would take seconds per example).
+    missing one set to 8 (the server default, 256 tokens, would take seconds per example), and
+    valid `alignment` sizes (`n`, `top_k`, `rollout_tokens`) at 4.
 Out-of-range and wrongly typed values are sent as generated.
 """
 from __future__ import annotations
@@ -54,6 +57,12 @@ def _bound(case, use_model: bool) -> None:
             body[key] = min(v, 8)
     if not keys:
         body["max_tokens"] = 8
+    alignment = body.get("alignment")
+    if isinstance(alignment, dict):
+        for key in ("n", "top_k", "rollout_tokens"):
+            v = alignment.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+                alignment[key] = min(v, 4)
 
 
 @pytest.mark.integration
@@ -79,6 +88,7 @@ def test_fuzz(server, api_schema, method, path, mode):
     # GET operations have no inputs: a few calls say all there is to say.
     examples = MAX_EXAMPLES if method == "POST" else 3
     seen: dict[int, int] = {}
+    served: set[str] = set()  # methods that answered 200
 
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
@@ -87,11 +97,15 @@ def test_fuzz(server, api_schema, method, path, mode):
         _bound(case, use_model)
         response = case.call(base_url=server.url, timeout=60)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        if response.status_code == 200 and method == "POST" and "json" in response.headers.get("content-type", ""):
+            served.add(response.json().get("alignment", {}).get("method", "none"))
         case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
                                                  content_type_conformance, response_schema_conformance])
 
     run()
-    print(f"{method} {path} ({mode}): status codes {dict(sorted(seen.items()))}")
+    print(f"{method} {path} ({mode}): status codes {dict(sorted(seen.items()))}; methods served: {sorted(served)}")
+    if method == "POST" and mode == "positive":
+        assert len(served) >= 2, served  # generated requests get past validation into aligned methods
     if method == "POST" and mode == "negative":
         assert set(seen) <= {400, 404}, seen  # schema violations are refused, never served
     # The fuzzing left the server healthy and idle.

@@ -554,6 +554,87 @@ def test_a_cancelled_non_streamed_request_aborts_its_engine_work():
     assert ing.cost_in_flight == 0 and not ing._background
 
 
+def test_a_dead_engine_is_a_503_and_a_failing_chat_template_a_400():
+    """Work that used to run before the error handling (the value-model lookup, the chat template)."""
+    from server.errors import APIError
+
+    class ActorDiedError(Exception):
+        pass
+
+    def dead():
+        raise ActorDiedError("the actor died unexpectedly before finishing this task")
+
+    ing = _ingress()
+    ing.engine.info = _Remote(dead)
+    vas = _completion(alignment={"method": "vas", "weights": {"sentiment": 1}})
+    with pytest.raises(APIError) as e:
+        asyncio.run(ing._serve(vas, _request(), kind="text"))
+    assert e.value.status_code == 503 and e.value.code == "engine_unavailable" and "Retry-After" in e.value.headers
+    assert "actor died" not in e.value.message
+
+    from jinja2 import TemplateError
+    from server.protocol import ChatCompletionRequest
+
+    def refuse(*a, **kw):
+        raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    ing = _ingress()
+    ing.tokenizer.apply_chat_template = refuse
+    chat = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(APIError) as e:
+        asyncio.run(ing._serve(chat, _request(), kind="chat"))
+    assert e.value.status_code == 400 and e.value.param == "messages" and "alternate" in e.value.message
+
+
+def test_vllm_input_validation_is_a_400():
+    from vllm.exceptions import VLLMValidationError
+
+    from decoders.base import ParamError
+    from server.engine import refusals_as_param_errors
+    from server.errors import as_api_error
+
+    async def refused():
+        raise VLLMValidationError("logit_bias token id 99999999 is out of vocabulary", parameter="logit_bias")
+        yield  # pragma: no cover
+
+    async def drain():
+        return [x async for x in refusals_as_param_errors(refused())]
+
+    with pytest.raises(ParamError) as e:
+        asyncio.run(drain())
+    err = as_api_error(e.value)
+    assert err.status_code == 400 and err.param == "logit_bias" and "vocabulary" in err.message
+    # Across Ray the error is pickled: its fields survive.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(e.value))
+    assert isinstance(again, ParamError) and again.param == "logit_bias"
+
+
+def test_a_failed_non_streamed_request_aborts_its_engine_work():
+    """A method that fails after starting engine work: its requests are aborted, its budget returned."""
+    ing = _ingress()
+
+    async def failing(prompt_ids, params, rid, delta=True):
+        from decoders.base import Completion, StreamChunk
+
+        yield StreamChunk(outputs=[Completion(text="x", token_ids=[1])])
+        raise RuntimeError("the engine replica lost its connection")
+
+    ing.engine.stream = SimpleNamespace(remote=failing)
+
+    async def main():
+        with pytest.raises(Exception) as e:
+            await ing._serve(_completion(), _request(), kind="text")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return e.value
+
+    err = asyncio.run(main())
+    assert err.status_code == 500 and "lost its connection" not in err.message
+    assert len(ing.aborted) == 1 and ing.cost_in_flight == 0
+
+
 def test_refusals_are_counted_by_reason():
     from fastapi.exceptions import RequestValidationError
 
@@ -650,8 +731,10 @@ def test_models_hide_the_local_path_and_can_be_retrieved_one_by_one():
     ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}],
                                "alignment": {"method": "vas", "weights": {"s": 1}, "rollout_tokens": 2}},
      "alignment.rollout_tokens"),
-    ("CompletionRequest", {"prompt": "x", "echo": True}, "echo"),
     ("CompletionRequest", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("CompletionRequest", {"prompt": "x", "best_of": 4}, "best_of"),
+    ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     "tools"),
 ])
 def test_validation_400s_name_the_exact_parameter(cls_name, body, param):
     """What the HTTP layer answers for each (the RequestValidationError handler of the app)."""
@@ -755,7 +838,6 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", "/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs"),
     ("stream_options without stream", "/v1/chat/completions", _chat(stream_options={"include_usage": True}), 400,
      "stream_options"),
-    ("echo", "/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
     ("suffix", "/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("unknown objective", "/v1/chat/completions", _chat(alignment={"method": "best_of_n", "weights": {"iq": 1}}),
      400, "alignment.weights.iq"),
@@ -783,6 +865,27 @@ BAD_REQUESTS = [
     ("alpha negative", "/v1/chat/completions",
      _chat(alignment={"method": "transfer_q", "weights": {"sentiment": 1}, "alpha": -1}), 400, "alignment.alpha"),
     ("unknown transform", "/v1/chat/completions", _bon(transform="exp"), 400, "alignment.transform"),
+    # Second round: requests that used to pass validation and fail inside (500s, non-JSON bodies).
+    ("best-of-N, greedy", "/v1/chat/completions", _bon(temperature=0), 400, "temperature"),
+    ("cap far outside any reward", "/v1/chat/completions",
+     _chat(alignment={"method": "best_of_n", "n": 2, "weights": {"sentiment": 100}, "caps": {"sentiment": -1e307}}),
+     400, "alignment.caps.sentiment"),
+    ("Transfer Q* work past the limit", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "max_tokens": 512,
+      "alignment": {"method": "transfer_q", "weights": {"sentiment": 1}, "top_k": 50, "block": 1, "rollout_tokens": 64}},
+     400, "alignment.top_k"),
+    ("logit_bias outside the vocabulary", "/v1/chat/completions", _chat(logit_bias={"99999999": 5}), 400, None),
+    ("echo with an aligned method", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "echo": True, "alignment": {"method": "best_of_n", "weights": {"sentiment": 1}}},
+     400, "echo"),
+    ("too many messages", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "x"}] * 257), 400,
+     "messages"),
+    ("function calling", "/v1/chat/completions",
+     _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
+    ("structured output", "/v1/chat/completions", _chat(response_format={"type": "json_object"}), 400,
+     "response_format.type"),
+    ("max_tokens 0 without echo", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400,
+     "max_tokens"),
     ("unknown baseline", "/v1/chat/completions",
      _chat(alignment={"method": "transfer_q", "weights": {"sentiment": 1}, "baseline": "gpt4-rlhf"}), 400,
      "alignment.baseline"),
@@ -1155,16 +1258,51 @@ class TestHardenedServer:
         assert _metric(m, "alignserve_requests_total", status="499") == before + 1
         assert _metric(m, "alignserve_requests_in_flight") == 0
 
+    @staticmethod
+    def _slow_rewards(hardened, seconds: float = 2.0):
+        """Every reward call stalls `seconds` (under limits.reward_timeout_s): a Transfer Q* step then
+        takes at least that long on any machine, so the request deadline is what ends it."""
+        r = httpx.post(hardened.url + "/admin/faults", params={"count": 100, "kind": "sleep", "sleep_s": seconds},
+                       headers=AUTH, timeout=30)
+        assert r.status_code == 200, r.text
+
+    @staticmethod
+    def _no_faults(hardened):
+        httpx.post(hardened.url + "/admin/faults", params={"count": 0}, headers=AUTH, timeout=30)
+
+    def test_non_streamed_disconnect_stops_generation(self, hardened):
+        """A client that gives up on a non-streamed request: the engine is idle again within seconds
+        (observed on the engine itself), the budget comes back, and the request counts as 499."""
+        before = _metric(_metrics(hardened), "alignserve_requests_total", status="499")
+        self._slow_rewards(hardened)  # Transfer Q*: >= 2 s a step on any machine, 16 steps
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(hardened.url + "/v1/completions", headers=AUTH, timeout=3.0,
+                           json=_counting(256, alignment=_TQ_SLOW))
+            assert _wait_idle(hardened, within_s=5) == {"cost_in_flight": 0, "engine_unfinished": 0}
+            time.sleep(2.5)  # a step later: the decoder loop issued no new engine call
+            assert _state(hardened) == {"cost_in_flight": 0, "engine_unfinished": 0}
+        finally:
+            self._no_faults(hardened)
+        deadline = time.time() + 5
+        while _metric(_metrics(hardened), "alignserve_requests_total", status="499") < before + 1:
+            assert time.time() < deadline, "the dropped request was not counted as 499"
+            time.sleep(0.2)
+
     def test_timeout_non_streaming(self, hardened):
-        """Token-level Transfer Q* (each token: 4 candidates, 4 rollouts of 16 tokens, scoring) takes far
-        longer than the 15 s limit even if it ends early: 504, and its decoder loop and engine calls stop."""
+        """Transfer Q* (16 steps, each scored, each scoring >= 2 s here) takes longer than the 15 s limit
+        whatever the CPU: 504, and its decoder loop and engine calls stop."""
         before = _metric(_metrics(hardened), "alignserve_requests_total", method="transfer_q", status="504")
-        t = time.time()
-        r = _post(hardened, "/v1/completions", _counting(256, alignment=dict(_TQ_SLOW, block=1)))
-        elapsed = time.time() - t
+        self._slow_rewards(hardened)
+        try:
+            t = time.time()
+            r = _post(hardened, "/v1/completions", _counting(256, alignment=_TQ_SLOW))
+            elapsed = time.time() - t
+        finally:
+            self._no_faults(hardened)
         assert _error(r, 504, None, "timeout_error")["code"] == "timeout"
-        assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S + 5, elapsed
-        assert _wait_idle(hardened, within_s=3) == {"cost_in_flight": 0, "engine_unfinished": 0}
+        assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S * 1.5 + 5, elapsed
+        assert _wait_idle(hardened, within_s=5) == {"cost_in_flight": 0, "engine_unfinished": 0}
         # Still idle a moment later: nothing keeps issuing engine calls for the abandoned request.
         time.sleep(1.5)
         assert _state(hardened) == {"cost_in_flight": 0, "engine_unfinished": 0}
@@ -1174,18 +1312,22 @@ class TestHardenedServer:
     def test_timeout_streaming_between_slow_items(self, hardened):
         """Transfer Q* streams one block per step (seconds apart); the deadline still cuts it on time."""
         before = _metric(_metrics(hardened), "alignserve_requests_total", method="transfer_q", status="504")
-        t = time.time()
-        with httpx.Client(timeout=60) as c, c.stream("POST", hardened.url + "/v1/completions", headers=AUTH,
-                                                     json=_counting(256, stream=True,
-                                                                    alignment=_TQ_SLOW)) as r:
-            assert r.status_code == 200
-            events = _sse(r.iter_lines())
-        elapsed = time.time() - t
+        self._slow_rewards(hardened)
+        try:
+            t = time.time()
+            with httpx.Client(timeout=60) as c, c.stream("POST", hardened.url + "/v1/completions", headers=AUTH,
+                                                         json=_counting(256, stream=True,
+                                                                        alignment=_TQ_SLOW)) as r:
+                assert r.status_code == 200
+                events = _sse(r.iter_lines())
+            elapsed = time.time() - t
+        finally:
+            self._no_faults(hardened)
         assert events[-1] == "[DONE]"
         err = events[-2]["error"]
         assert err["type"] == "timeout_error" and err["code"] == "timeout"
-        assert elapsed < TIMEOUT_S + 4, elapsed
-        assert _wait_idle(hardened, within_s=3) == {"cost_in_flight": 0, "engine_unfinished": 0}
+        assert elapsed < TIMEOUT_S * 1.5 + 4, elapsed
+        assert _wait_idle(hardened, within_s=5) == {"cost_in_flight": 0, "engine_unfinished": 0}
         m = _metrics(hardened)
         assert _metric(m, "alignserve_requests_total", method="transfer_q", status="504") == before + 1
         assert _post(hardened, "/v1/completions", _counting(8)).status_code == 200

@@ -52,7 +52,7 @@ def test_logprobs_mapping():
 
 @pytest.mark.parametrize("bad", [
     {"temperature": -1}, {"temperature": 3}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 0},
-    {"top_logprobs": 3}, {"messages": []}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]},
+    {"top_logprobs": 3}, {"messages": []}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]}, {"max_tokens": 0},
     {"messages": [{"role": "wizard", "content": "x"}]}, {"stream_options": {"bogus": 1}},
     {"stream_options": {"include_usage": True}}, {"stream": False, "stream_options": {"include_usage": True}},
 ])
@@ -79,11 +79,58 @@ def test_limits_are_enforced_with_param_names():
 
 
 def test_completion_prompt_forms():
-    assert CompletionRequest.model_validate({"model": "m", "prompt": ["one"]}).prompt == "one"
-    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3]}).prompt == [1, 2, 3]
-    for bad in (["a", "b"], [], {"x": 1}):
+    """What OpenAI and vLLM take (lm-evaluation-harness sends batches of token-id prompts)."""
+    def prompts(p):
+        return CompletionRequest.model_validate({"model": "m", "prompt": p}).prompts()
+
+    assert prompts("one") == ["one"] and prompts(["one"]) == ["one"] and prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([1, 2, 3]) == [[1, 2, 3]] and prompts([[1, 2], [3]]) == [[1, 2], [3]]
+    for bad in ([], {"x": 1}, [[1], []], [1, "a"], [[1], "a"]):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"model": "m", "prompt": bad})
+    with pytest.raises(ParamError) as e:
+        CompletionRequest.model_validate({"model": "m", "prompt": ["x"] * 65}).check_limits(LIMITS)
+    assert e.value.param == "prompt"
+
+
+def test_echo_and_prompt_logprobs_as_lm_eval_sends_them():
+    body = {"model": "m", "prompt": [[1, 2, 3], [4, 5]], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}
+    r = CompletionRequest.model_validate(body)
+    r.check_limits(LIMITS)
+    assert r.echo and r.to_sampling_params(LIMITS, 3, 2048)["logprobs"] == 1
+    r = CompletionRequest.model_validate(dict(body, max_tokens=0))
+    r.check_limits(LIMITS)      # score the prompt without generating
+    with pytest.raises(ParamError) as e:
+        CompletionRequest.model_validate(dict(body, max_tokens=0, echo=False)).check_limits(LIMITS)
+    assert e.value.param == "max_tokens"
+
+
+def test_what_openai_clients_send_is_taken_or_refused_by_name():
+    ok = dict(max_completion_tokens=5, stream=True, stream_options={"include_usage": True}, user="u",
+              metadata={"team": "a"}, store=False, frequency_penalty=0.5, presence_penalty=-0.5,
+              response_format={"type": "text"}, tool_choice="none", tools=[], parallel_tool_calls=False,
+              service_tier="auto", logit_bias={"42": -100}, prompt_cache_key="k", modalities=["text"])
+    r = chat(messages=[{"role": "developer", "content": "Be brief."},
+                       {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "!"}]}],
+             **ok)
+    assert r.chat_messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi!"}]
+    assert r.to_sampling_params(LIMITS, 3, 2048)["logit_bias"] == {42: -100.0}
+    for bad, field in [({"response_format": {"type": "json_object"}}, "response_format.type"),
+                       ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                       ({"tool_choice": "required"}, "tool_choice"), ({"functions": [{"name": "f"}]}, "functions"),
+                       ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "x"}}, "audio"),
+                       ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+                       ({"stop": ["x" * 257]}, "stop")]:
+        with pytest.raises(ValidationError) as e:
+            chat(**bad)
+        assert describe_error(e.value.errors()[0])[0] == field, bad
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 3})
+    assert describe_error(e.value.errors()[0])[0] == "best_of"
+    with pytest.raises(ParamError) as e:
+        chat(messages=[{"role": "user", "content": "x"}] * 257).check_limits(LIMITS)
+    assert e.value.param == "messages"
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -196,7 +243,6 @@ def _locs(cls, body) -> list[str]:
      "alignment.transform"),
     (ChatCompletionRequest, {"alignment": {"method": "args", "weights": {"a": 1}, "top_k": 2, "n": 3}},
      "alignment.n"),
-    (CompletionRequest, {"echo": True}, "echo"),
     (CompletionRequest, {"suffix": "tail"}, "suffix"),
 ])
 def test_errors_name_the_exact_parameter(cls, extra, loc):
@@ -210,7 +256,7 @@ def test_valid_combinations_still_pass():
     chat(stream=True, stream_options={"include_usage": True})
     chat(stream_options=None)
     chat(alignment={"method": "best_of_n", "weights": {"a": 1}, "n": 2, "rollout_tokens": None})
-    CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": False, "suffix": None})
+    CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": True, "suffix": None})
 
 
 def test_an_invalid_method_is_the_error_not_its_knobs():

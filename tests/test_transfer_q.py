@@ -848,3 +848,23 @@ def test_methods_budget_counts_rollouts_blocks_and_tokens():
     args = _method({"method": "args", "weights": {"sentiment": 1.0}, "block": 8}, max_tokens=64, n=2,
                    temperature=1.0).budget()
     assert args.tokens == 2 * 8 * 4 * 8 and args.knobs[0] == "n"
+
+
+def test_rollouts_never_pass_the_engine_context():
+    """Rollout prompts (baseline context + answer + candidate) can be longer than the base prompt:
+    rollouts shrink near the end of the context, and an answer that cannot fit is refused up front."""
+    gen = FakeGen()
+    params = TQ(weights={"sentiment": 1.0}, top_k=2, rollout_tokens=8, alpha=1.0)
+    mixture = Mixture(weights={"sentiment": 1.0})
+    target = RolloutTarget(name="positive", baseline=BaselineConfig(aligned_to=["sentiment"]), context_ids=CONTEXT)
+    run(TransferQSearch(gen, sentiment_scorer(), mixture, objectives_for("sentiment"), params, prompt_ids=PROMPT,
+                        prompt_text="p", max_tokens=6, temperature=0, stop_token_ids=[EOS], target=target,
+                        max_model_len=len(CONTEXT) + 7).run())
+    for prompts, p in gen.calls:
+        if p.get("logprobs") is None:  # a rollout call
+            assert all(len(pr) + p["max_tokens"] <= len(CONTEXT) + 7 for pr in prompts), (prompts, p)
+    m = _method({"method": "transfer_q", "weights": {"sentiment": 1.0}, "top_k": 2}, max_tokens=4)
+    m.ctx.max_model_len = len(CONTEXT) + 3
+    with pytest.raises(ParamError) as ei:
+        run(m.prepare())
+    assert ei.value.param == "max_tokens" and ei.value.code == "context_length_exceeded"
