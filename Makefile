@@ -9,7 +9,7 @@ PORT   ?= 8000
 EXTRA  ?= cpu
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install serve test test-unit bench bench-alignment bench-vas loadtest eval train-values gpu-check clean
+.PHONY: install serve test test-unit bench bench-alignment bench-vas bench-scale loadtest eval train-values gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ bench-alignment: install
 
 bench-vas: install
 	$(PY) -m loadtests.bench_vas
+
+# Aligned-method throughput with 1 vs 2 ingress replicas (loadtests/bench_scale.py).
+bench-scale: install
+	$(PY) -m loadtests.bench_scale
 
 # Retrain the shipped VAS value models from the frozen base model's samples (docs/vas.md):
 # about 8 and 12 minutes on 2 CPU cores. VALUE_MODELS_OUT=dir writes elsewhere.

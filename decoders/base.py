@@ -25,7 +25,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import (Annotated, Any, AsyncIterator, ClassVar, Mapping, NamedTuple, Protocol, Sequence, Union)
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr, StrictBool, StrictFloat, StrictInt
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, StrictBool,
+                      StrictFloat)
 
 # ----------------------------------------------------------------------------- errors
 
@@ -73,10 +74,27 @@ def valid_unicode(v: str) -> str:
     return v
 
 
+def json_integer(v: Any) -> Any:
+    """An integer as JSON Schema has it: 5 or 5.0, never "5", true or 5.5."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be an integer")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError("must be an integer")
+        return int(v)
+    return v
+
+
 # Every request string the server reads (tokenizes, compares or echoes) has this type. Numbers and
 # booleans are taken as JSON sends them, like OpenAI's API: no "5" for 5, no true for 1.0.
 Text = Annotated[str, AfterValidator(valid_unicode)]
-Int = StrictInt
+Int = Annotated[int, Strict(), BeforeValidator(json_integer)]
+
+
+def int_in(ge: int | None = None, le: int | None = None) -> Any:
+    """``Int`` within bounds (the bounds sit before the validator, so the JSON schema says
+    ``minimum``/``maximum``)."""
+    return Annotated[int, Field(ge=ge, le=le), Strict(), BeforeValidator(json_integer)]
 Float = StrictFloat  # an int is still a valid float (pydantic's strict mode)
 Bool = StrictBool
 

@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator, Literal, Mapping
 import numpy as np
 from pydantic import Field
 
-from decoders.base import (Bool, Budget, ChoiceScores, Completion, Cost, DecodeStats, Delta, Engine, Event, Finish, Float, Int,
+from decoders.base import (Bool, Budget, ChoiceScores, Completion, Cost, DecodeStats, Delta, Engine, Event, Finish, Float, int_in,
                            Method, ParamError, RewardScore, Scorer, Timing, need)
 from decoders.rewards import MixtureParams, select_top
 from decoders.transfer_q import first_stop, stop_string_cut
@@ -46,9 +46,9 @@ from decoders.transfer_q import first_stop, stop_string_cut
 
 class BestOfNParams(MixtureParams):
     method: Literal["best_of_n"] = "best_of_n"
-    n: Int = Field(default=4, ge=1, description="candidates sampled (OpenAI `n`: how many of the best to return)")
+    n: int_in(ge=1) = Field(default=4, description="candidates sampled (OpenAI `n`: how many of the best to return)")
     early_pruning: Bool = Field(default=False, description="score partial outputs, continue only the best")
-    chunk_tokens: Int = Field(default=16, ge=1, description="tokens before the first pruning (doubling after)")
+    chunk_tokens: int_in(ge=1) = Field(default=16, description="tokens before the first pruning (doubling after)")
     keep_fraction: Float = Field(default=0.5, gt=0.0, le=1.0, description="fraction kept at each pruning")
 
     def check(self, limits) -> None:

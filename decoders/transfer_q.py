@@ -51,7 +51,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, Se
 import numpy as np
 from pydantic import Field
 
-from decoders.base import (Budget, Completion, Cost, DecodeStats, Delta, Engine, Event, FiniteFloat, Finish, Int, Method,
+from decoders.base import (Budget, Completion, Cost, DecodeStats, Delta, Engine, Event, FiniteFloat, Finish, int_in, Method,
                            ParamError, Receipt, Scorer, Text, Timing, need)
 from decoders.baselines import RolloutTarget, prepare_rollout, resolve_transfer
 from decoders.plain import score_receipt, stream_choices
@@ -70,8 +70,8 @@ class _SearchParams(MixtureParams):
     """The knobs ``args`` and ``transfer_q`` share. Defaults keep Transfer Q*'s cost within ~10x plain
     sampling (docs/transfer_q.md): tokens per output token = top_k * (block + rollout) / block."""
     alpha: FiniteFloat = Field(default=1.0, description="weight of Q against the base log-prob")
-    top_k: Int = Field(default=4, ge=1, description="candidates per step")
-    block: Int = Field(default=16, ge=1, description="tokens per candidate (1: token level, as in the papers)")
+    top_k: int_in(ge=1) = Field(default=4, description="candidates per step")
+    block: int_in(ge=1) = Field(default=16, description="tokens per candidate (1: token level, as in the papers)")
 
     def check(self, limits) -> None:
         super().check(limits)
@@ -95,7 +95,7 @@ class ARGSParams(_SearchParams):
 class TransferQParams(_SearchParams):
     """``transfer_q``: Q* of each candidate from rollouts of a baseline aligned model."""
     method: Literal["transfer_q"] = "transfer_q"
-    rollout_tokens: Int = Field(default=16, ge=0, description="tokens each baseline rollout continues (0: ARGS)")
+    rollout_tokens: int_in(ge=0) = Field(default=16, description="tokens each baseline rollout continues (0: ARGS)")
     baseline: Text | None = Field(default=None, max_length=128, description="a registered baseline (default: "
                                   "the one that fits the weights best)")
     transfer: Literal["auto", "direct", "indirect"] = Field(

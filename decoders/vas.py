@@ -13,7 +13,7 @@ from typing import AsyncIterator, ClassVar, Literal
 
 from pydantic import Field
 
-from decoders.base import (AlignmentFailure, Budget, Cost, Event, FiniteFloat, Int, Method, MethodParams,
+from decoders.base import (AlignmentFailure, Budget, Cost, Event, FiniteFloat, int_in, Method, MethodParams,
                            ParamError, StreamChunk, Text, Timing, need)
 from decoders.plain import score_receipt, stream_choices
 from decoders.rewards import build_mixture, check_weights
@@ -29,7 +29,7 @@ class VASParams(MethodParams):
     weights: dict[Text, FiniteFloat] | None = Field(
         default=None, description="objective -> weight; each objective needs a value model")
     beta: FiniteFloat = Field(default=DEFAULT_BETA, description="steering strength (logits per value unit)")
-    top_k: Int = Field(default=DEFAULT_TOP_K, ge=1, description="base candidates re-scored per token")
+    top_k: int_in(ge=1) = Field(default=DEFAULT_TOP_K, description="base candidates re-scored per token")
 
     def check(self, limits) -> None:
         check_weights(self.weights, limits, self.method, required=True)

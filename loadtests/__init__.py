@@ -39,11 +39,12 @@ def check_target(url: str, allow_remote: bool, flag: str = "--allow-remote") -> 
                          f"are targeted unless {flag} is given")
 
 
-def start_server(port: int) -> tuple[subprocess.Popen, str, float]:
-    """``python -m server.serve --port PORT`` in its own session (the benchmarks' private server):
-    (process, its URL, seconds until it printed READY). Stop it with SIGTERM."""
+def start_server(port: int, config: str | Path | None = None) -> tuple[subprocess.Popen, str, float]:
+    """``python -m server.serve --port PORT [--config CONFIG]`` in its own session (the benchmarks'
+    private server): (process, its URL, seconds until it printed READY). Stop it with SIGTERM."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", str(port)],
+    cmd = [sys.executable, "-m", "server.serve", "--port", str(port)] + (["--config", str(config)] if config else [])
+    proc = subprocess.Popen(cmd,
                             cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:

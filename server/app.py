@@ -28,7 +28,9 @@ from decoders.base import AlignmentFailure, DecodeRequest, Method, MethodContext
 from server import gate, metrics
 from server.config import ServerConfig
 from server.errors import APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, as_api_error
+from server.engine import replica_id
 from server.handles import EngineClient, RewardClient
+from server.routing import router_config
 from server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, describe_error,
                              method_cards, new_id, register_names, with_registered_names)
 from server.rendering import (DONE, ClosingStream, Outcome, Renderer, first_event, merge_events, prepend, sse,
@@ -60,13 +62,15 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     reason = _rejected_reason(exc)
     if reason is not None:
         method = getattr(request.state, "alignserve_method", None) or "unknown"
-        metrics.REQUESTS_REJECTED.labels(method, reason).inc()
+        metrics.rejected(method, reason)
+    await metrics.flush()
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    metrics.REQUESTS_REJECTED.labels("unknown", "invalid").inc()  # the body did not parse: no method yet
+    metrics.rejected("unknown", "invalid")  # the body did not parse: no method yet
+    await metrics.flush()
     err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     if err.get("type") == "json_invalid":
         return JSONResponse(BadRequest("request body is not valid JSON", code="invalid_json").body(), status_code=400)
@@ -79,13 +83,13 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown routes (404), wrong methods (405) and bodies FastAPI cannot decode (e.g. invalid UTF-8)."""
     codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
     if exc.status_code == 400:
-        metrics.REQUESTS_REJECTED.labels("unknown", "invalid").inc()
+        metrics.rejected("unknown", "invalid")
+        await metrics.flush()
     err = APIError(str(exc.detail), code=codes.get(exc.status_code), status_code=exc.status_code)
     return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-app.add_middleware(gate.GateMiddleware, on_reject=lambda reason: metrics.REQUESTS_REJECTED.labels(
-    "unknown", reason).inc())
+app.add_middleware(gate.GateMiddleware, on_reject=lambda reason: metrics.rejected("unknown", reason))
 
 
 def _error_doc(what: str) -> dict[str, Any]:
@@ -137,6 +141,7 @@ class Flight:
 
     def __init__(self, ingress: "OpenAIIngress", rid: str, method: str, sequences: int, streamed: bool,
                  prompt_tokens: int, engine: EngineClient):
+        # `engine`: the request's client to the engine replica that admitted it (abort, release).
         self.ingress, self.rid, self.method, self.sequences = ingress, rid, method, sequences
         self.streamed = streamed
         self.engine = engine
@@ -157,7 +162,7 @@ class Flight:
         failure = next((x for x in (e, getattr(e, "cause", None), e.__cause__) if isinstance(x, AlignmentFailure)),
                        None)
         if failure is not None:
-            metrics.ALIGNMENT_FAILURES.labels(self.method, failure.component).inc()
+            metrics.failure(self.method, failure.component)
         if err.status_code >= 500:
             logger.error("request %s failed: %r", self.rid, e, exc_info=e)
         self.record(err.status_code)
@@ -174,7 +179,7 @@ class Flight:
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, config: dict[str, Any], engine, rewards):
+    def __init__(self, config: dict[str, Any], engine, rewards, metrics_handle=None):
         from transformers import AutoTokenizer
 
         from decoders.base_model import resolve_model
@@ -190,13 +195,19 @@ class OpenAIIngress:
         # Registry metadata only (names, reference stats); scoring runs in the reward deployment.
         self.objectives = build_objectives(self.config.objectives)
         self.baselines = load_baselines(self.config.baselines, self.objectives)
-        register_names(list(self.objectives), list(self.baselines))  # listed in /openapi.json
+        # listed in /openapi.json: the names a request may use and the server's ranges
+        register_names(list(self.objectives), list(self.baselines), self.config.limits)
         eos = {self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get("<|im_end|>")}
         self.stop_token_ids = sorted(t for t in eos if isinstance(t, int) and t >= 0)
         # The gate middleware runs before routing (no `self` there): configure it for this replica.
         self.api_keys = gate.configure(self.config)
-        self.cost_in_flight = 0
-        metrics.bind_cost_gauges(lambda: self.cost_in_flight, self.config.limits.max_concurrent_cost)
+        # This replica's requests in flight (drain waits for them; summed across replicas in /metrics).
+        self.in_flight: dict[str, int] = {}
+        self.replica = replica_id()
+        self.metrics_handle = metrics_handle
+        if metrics_handle is not None:
+            metrics.sink().connect(metrics_handle, "ingress", self.replica)
+            self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())
         self.draining = False
         self._background: set[asyncio.Task] = set()  # engine aborts of requests whose task was cancelled
         self._engine_info: dict[str, Any] | None = None
@@ -206,7 +217,7 @@ class OpenAIIngress:
     def _authorize(self, request: Request) -> None:
         """Also checked by the gate middleware before parsing; kept here as a second line."""
         if self.api_keys and not gate.key_ok(request.headers.get("authorization", "")):
-            metrics.REQUESTS_REJECTED.labels("unknown", "auth").inc()
+            metrics.rejected("unknown", "auth")
             raise gate.unauthorized()
 
     def _test_hooks(self, request: Request) -> None:
@@ -249,9 +260,33 @@ class OpenAIIngress:
             raise NotFound(f"The model `{model}` does not exist. Available: {self.model_name}",
                            param="model", code="model_not_found")
 
+    def _count(self, method: str, delta: int) -> None:
+        self.in_flight[method] = self.in_flight.get(method, 0) + delta
+        metrics.sink().set_report({"in_flight": dict(self.in_flight)})
+
     def _release(self, flight: Flight) -> None:
-        self.cost_in_flight -= flight.sequences
-        metrics.REQUESTS_IN_FLIGHT.labels(flight.method).dec()
+        """The request ended, however it ended: its budget back on its engine replica, its count down."""
+        self._count(flight.method, -1)
+        task = asyncio.ensure_future(self._give_back(flight))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _give_back(self, flight: Flight) -> None:
+        try:
+            await asyncio.wait_for(flight.engine.release(), timeout=10)
+        except Exception:  # noqa: BLE001 - the lease runs out on the engine replica anyway
+            logger.warning("could not release the budget of %s", flight.rid, exc_info=True)
+
+    @property
+    def requests_in_flight(self) -> int:
+        return sum(self.in_flight.values())
+
+    async def _report_forever(self) -> None:
+        """Say this replica is alive (its gauges are forgotten when it stops reporting)."""
+        while True:
+            await asyncio.sleep(5)
+            metrics.sink().set_report({"in_flight": dict(self.in_flight)})
+            await metrics.flush()
 
     # -------------------------------------------------------------- routes
 
@@ -259,22 +294,26 @@ class OpenAIIngress:
     async def health(self) -> Response:
         return Response(status_code=503 if self.draining else 200)
 
-    async def drain(self, timeout_s: float) -> int:
-        """Graceful shutdown (server/serve.py calls this through a handle on SIGTERM): refuse new
-        requests with 503, wait up to `timeout_s` for those in flight; returns the cost still in flight."""
+    async def drain(self, timeout_s: float, replica: str | None = None) -> int:
+        """Graceful shutdown (server/serve.py calls this on every ingress replica on SIGTERM): refuse
+        new requests with 503, wait up to `timeout_s` for those in flight; returns how many are left."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        while self.cost_in_flight > 0 and time.monotonic() < deadline:
+        while self.requests_in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        return self.cost_in_flight
+        return self.requests_in_flight
 
     @app.get("/metrics", responses={200: {"description": "Prometheus text exposition",
                                           "content": {"text/plain": {"schema": {"type": "string"}}}},
                                     401: _ERRORS_GET[401]})
     async def metrics_endpoint(self, request: Request) -> Response:
+        """Every replica's series (the MetricsDeployment aggregates them), the same on any replica."""
         if self.config.metrics_require_auth:
             self._authorize(request)
-        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
+        await metrics.flush()
+        body = (await self.metrics_handle.exposition.remote() if self.metrics_handle is not None
+                else metrics.exposition())
+        return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
 
     # Test-only hooks (config `enable_test_hooks`); otherwise they answer 404 like any unknown path.
     @app.post("/admin/faults", include_in_schema=False)
@@ -294,10 +333,18 @@ class OpenAIIngress:
 
     @app.get("/admin/state", include_in_schema=False)
     async def admin_state(self, request: Request) -> dict[str, int]:
-        """The cost budget in use and the engine's unfinished requests."""
+        """The budget in use and the unfinished requests, summed over the engine replicas (each asked
+        directly), and how many engine replicas answered."""
         self._test_hooks(request)
-        load = await self.engine.load.remote()
-        return {"cost_in_flight": self.cost_in_flight, "engine_unfinished": load["unfinished"]}
+        loads = await self._engine_loads()
+        return {"cost_in_flight": sum(x["cost_in_flight"] for x in loads),
+                "engine_unfinished": sum(x["unfinished"] for x in loads)}
+
+    async def _engine_loads(self) -> list[dict[str, Any]]:
+        if self.metrics_handle is None:
+            return [await self.engine.load.remote()]
+        replicas = await self.metrics_handle.replicas.remote("engine")
+        return list(await asyncio.gather(*(self.engine.load.remote(replica=r) for r in replicas)))
 
     def _model_card(self) -> ModelCard:
         # `root` is the served name, as in vLLM's server: where the weights lie stays private.
@@ -394,8 +441,9 @@ class OpenAIIngress:
             methods.append(method)
         return methods
 
-    def _admit(self, methods: list[Method]) -> int:
-        """The request's share of the budget (sequences); 400 if it could never fit, 429 if not now."""
+    async def _admit(self, methods: list[Method], rid: str) -> tuple[int, str | None]:
+        """Admission: (sequences, the engine replica that admitted the request). 400 if the request
+        could never fit, 429 if no engine replica has room for it now."""
         limits = self.config.limits
         b = methods[0].budget()
         for m in methods[1:]:
@@ -409,12 +457,21 @@ class OpenAIIngress:
                 raise BadRequest(f"this request may cost up to {amount} {unit}, more than the server allows "
                                  f"(limits.{name} = {limit}); lower {', '.join(b.knobs)}",
                                  param=b.knobs[0], code="request_too_costly")
-        if self.cost_in_flight + b.sequences > limits.max_concurrent_cost:
-            metrics.REQUESTS_REJECTED.labels(methods[0].name, "overload").inc()
-            raise Overloaded(f"server is at capacity ({self.cost_in_flight}/{limits.max_concurrent_cost} "
-                             f"sequences in flight; this request costs {b.sequences}); retry later",
-                             code="overloaded", headers={"Retry-After": "1"})
-        return b.sequences
+        # Each engine replica owns a budget of limits.max_concurrent_cost sequences: the replica that
+        # admits the request runs all of it (server/routing.py). A full replica says so; try the others.
+        refused: list[str] = []
+        answer: dict[str, Any] = {}
+        for _ in range(8):
+            answer = await self.engine.admit.remote(rid, b.sequences, exclude_replicas=refused)
+            if answer["admitted"]:
+                return b.sequences, answer["replica"]
+            if answer["replica"] in refused:
+                break
+            refused.append(answer["replica"])
+        metrics.rejected(methods[0].name, "overload")
+        raise Overloaded(f"server is at capacity (engine replicas with room: none; this request costs "
+                         f"{b.sequences} sequences of limits.max_concurrent_cost = {limits.max_concurrent_cost} "
+                         f"per engine replica); retry later", code="overloaded", headers={"Retry-After": "1"})
 
     async def _serve(self, body, request: Request, *, kind: str):
         request.state.alignserve_method = body.method  # for the rejection counters of the error handlers
@@ -428,12 +485,17 @@ class OpenAIIngress:
             methods = await self._methods(body, kind, rid)
         except Exception as e:  # noqa: BLE001 - refusals before admission: nothing to record or release
             raise as_api_error(e, rid) from e
-        sequences = self._admit(methods)
+        try:
+            sequences, replica = await self._admit(methods, rid)
+        except Exception as e:  # noqa: BLE001 - refused (or no engine to ask): nothing to release
+            raise as_api_error(e, rid) from e
+        for m in methods:
+            m.ctx.engine.replica = replica  # every call of this request goes to the replica that admitted it
         first = methods[0]
         flight = Flight(self, rid, first.name, sequences, bool(body.stream),
-                        sum(len(m.request.prompt_ids) for m in methods), EngineClient(self.engine, self.tokenizer, rid))
-        self.cost_in_flight += sequences
-        metrics.REQUESTS_IN_FLIGHT.labels(first.name).inc()
+                        sum(len(m.request.prompt_ids) for m in methods),
+                        EngineClient(self.engine, self.tokenizer, rid, replica=replica))
+        self._count(first.name, +1)
         renderer = Renderer(kind, rid, self.model_name, flight.outcome, logprobs=first.request.sampling.get("logprobs"),
                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
         events = merge_events([m.decode() for m in methods], first.request.n)
@@ -460,10 +522,12 @@ class OpenAIIngress:
             payload = await asyncio.wait_for(renderer.collect(events), timeout=limits.request_timeout_s)
             response = JSONResponse(payload)  # renders now: a value JSON cannot carry fails here, not after a 200
             flight.record(200)
+            await metrics.flush()  # counted before the client has its answer (a scrape after it sees it)
             return response
         except asyncio.TimeoutError:
             flight.record(504)
             await self._abort(flight)
+            await metrics.flush()
             raise Timeout(f"request exceeded {limits.request_timeout_s}s", code="timeout") from None
         except asyncio.CancelledError:
             # The client went away: Ray Serve cancels this task, but cancelling our awaits does not
@@ -474,6 +538,7 @@ class OpenAIIngress:
         except Exception as e:  # noqa: BLE001 - surfaced in the OpenAI error shape
             err = flight.fail(e)
             self._abort_soon(flight)
+            await metrics.flush()
             raise err from e
         finally:
             if not handed_off:
@@ -487,16 +552,19 @@ class OpenAIIngress:
                 async for chunk in renderer.stream(events):
                     yield chunk
                 flight.record(200)
+                await metrics.flush()
             except asyncio.CancelledError:
                 flight.record(499)  # client went away; generation is cancelled with this task
                 raise
             except Exception as e:  # noqa: BLE001
                 yield sse(flight.fail(e).body())
+                await metrics.flush()
             yield DONE
 
         async def on_timeout() -> bytes:
             flight.record(504)
             await self._abort(flight)
+            await metrics.flush()
             return sse(Timeout(f"request exceeded {self.config.limits.request_timeout_s}s", code="timeout").body())
 
         return with_deadline(chunks(), flight.t0 + self.config.limits.request_timeout_s, on_timeout)
@@ -544,9 +612,16 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             opts["num_replicas"] = d.num_replicas
         return opts
 
-    engine = EngineDeployment.options(**engine_options(config, options(config.engine_deployment))).bind(cfg)
+    # One MetricsDeployment aggregates every replica's series (server/metrics.py); the engine and the
+    # ingress route each request's calls to one replica (server/routing.py).
+    metrics_dep = metrics.MetricsDeployment.options(
+        ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=config.limits.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=1.0).bind()
+    engine = EngineDeployment.options(**engine_options(config, options(config.engine_deployment)),
+                                      request_router_config=router_config()).bind(cfg, metrics_dep)
     rewards = RewardDeployment.options(**options(config.rewards_deployment)).bind(cfg)
-    return OpenAIIngress.options(**options(config.ingress)).bind(cfg, engine, rewards)
+    return OpenAIIngress.options(**options(config.ingress), request_router_config=router_config()).bind(
+        cfg, engine, rewards, metrics_dep)
 
 
 from server.engine import EngineDeployment  # noqa: E402

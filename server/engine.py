@@ -24,6 +24,7 @@ from ray import serve
 from decoders.base import Completion, ParamError, StreamChunk, TokenLogprob, TopLogprob
 from decoders.base_model import resolve_model
 from server.config import ServerConfig
+from server.routing import ReplicaGone
 
 logger = logging.getLogger("ray.serve")
 
@@ -205,9 +206,13 @@ class Engine:
                 vllm_config.model_config.logits_processors = [processor]
                 logger.info("VAS: value models %s steer through the Model Runner %s logits processor %s",
                             self.value_model_objectives, self.model_runner, processor.__name__)
+        from server.process_guard import mark_owner
+
+        mark_owner()  # the engine core and its workers die with this process (server/process_guard.py)
         t0 = time.time()
         self.llm = AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
-                            log_stats=not args.disable_log_stats, usage_context=UsageContext.ENGINE_CONTEXT)
+                            log_requests=args.enable_log_requests, log_stats=not args.disable_log_stats,
+                            usage_context=UsageContext.ENGINE_CONTEXT)
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = e.max_model_len
         logger.info("vLLM engine ready in %.1fs: %s (runner %s, %s, value models: %s)", time.time() - t0,
@@ -384,35 +389,111 @@ class Engine:
         self.llm.shutdown()
 
 
+class Budget:
+    """The sequences this engine replica has admitted (``limits.max_concurrent_cost`` of them at most),
+    each held until its request releases it or its lease runs out (an ingress that died)."""
+
+    def __init__(self, capacity: int, lease_s: float):
+        self.capacity, self.lease_s = capacity, lease_s
+        self.admitted: dict[str, tuple[int, float]] = {}
+
+    def used(self) -> int:
+        now = time.monotonic()
+        for rid in [r for r, (_, until) in self.admitted.items() if until < now]:
+            logger.warning("budget lease of request %s expired without a release", rid)
+            del self.admitted[rid]
+        return sum(n for n, _ in self.admitted.values())
+
+    def admit(self, request_id: str, sequences: int) -> bool:
+        if self.used() + sequences > self.capacity:
+            return False
+        self.admitted[request_id] = (sequences, time.monotonic() + self.lease_s)
+        return True
+
+    def release(self, request_id: str) -> None:
+        self.admitted.pop(request_id, None)
+
+
+def replica_id() -> str:
+    """This Ray Serve replica's unique id (``local`` outside a replica)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica (tests, CLIs)
+        return "local"
+
+
 @serve.deployment(name="EngineDeployment", health_check_period_s=10, health_check_timeout_s=30)
 class EngineDeployment:
-    """Ray Serve replica owning one ``Engine``."""
+    """Ray Serve replica owning one ``Engine`` and the admission budget of the work it runs.
 
-    async def __init__(self, config: dict[str, Any]):
-        self.engine = Engine(ServerConfig.model_validate(config))
+    Every call of a request after its admission names this replica (``replica``; server/routing.py
+    routes it here) and is refused by any other. The replica reports its load to the
+    MetricsDeployment every second and its free budget to the router (``record_routing_stats``)."""
+
+    async def __init__(self, config: dict[str, Any], metrics=None):
+        cfg = ServerConfig.model_validate(config)
+        self.replica = replica_id()
+        limits = cfg.limits
+        self.budget = Budget(limits.max_concurrent_cost, limits.request_timeout_s + limits.drain_timeout_s + 60)
+        self.engine = Engine(cfg)
         await self.engine.warm_up()
+        self.metrics = metrics
+        self._reporter = asyncio.get_running_loop().create_task(self._report_forever()) if metrics else None
 
-    async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str, delta: bool = True):
+    def _here(self, replica: str | None) -> None:
+        if replica is not None and replica != self.replica:
+            raise ReplicaGone(f"engine replica {replica} is gone (this is {self.replica})")
+
+    async def admit(self, request_id: str, sequences: int, exclude_replicas: list[str] | None = None) -> dict[str, Any]:
+        """Take ``sequences`` of this replica's budget for a request, or say it is full."""
+        ok = self.budget.admit(request_id, sequences)
+        return {"admitted": ok, "replica": self.replica, "used": self.budget.used(), "capacity": self.budget.capacity}
+
+    async def release(self, request_id: str, replica: str | None = None) -> None:
+        self._here(replica)
+        self.budget.release(request_id)
+
+    async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str, delta: bool = True,
+                     replica: str | None = None):
+        self._here(replica)
         async for msg in self.engine.stream(prompt_token_ids, params, request_id, delta):
             yield msg
 
-    async def generate(self, prompts: list[list[int]], params: dict[str, Any],
-                       request_id: str) -> list[list[Completion]]:
+    async def generate(self, prompts: list[list[int]], params: dict[str, Any], request_id: str,
+                       replica: str | None = None) -> list[list[Completion]]:
+        self._here(replica)
         return await self.engine.generate(prompts, params, request_id)
 
     async def info(self) -> dict[str, Any]:
-        return await self.engine.info()
+        return {**await self.engine.info(), "replica": self.replica}
 
     async def check_health(self) -> None:
         await self.engine.check_health()
 
-    async def abort(self, request_id_prefix: str) -> int:
+    async def abort(self, request_id_prefix: str, replica: str | None = None) -> int:
+        self._here(replica)
         return await self.engine.abort(request_id_prefix)
 
-    async def load(self) -> dict[str, int]:
-        return {"unfinished": self.engine.unfinished()}
+    async def load(self, replica: str | None = None) -> dict[str, Any]:
+        self._here(replica)
+        return {"replica": self.replica, "unfinished": self.engine.unfinished(), "cost_in_flight": self.budget.used(),
+                "capacity": self.budget.capacity}
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """For the router: admission calls prefer the replica with the most free budget."""
+        return {"free": float(self.budget.capacity - self.budget.used())}
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:
+                await self.metrics.push.remote([], "engine", self.replica, await self.load())
+            except Exception:  # noqa: BLE001 - metrics must never stop the engine
+                logger.debug("engine load report failed", exc_info=True)
+            await asyncio.sleep(1.0)
 
     def __del__(self):
+        if getattr(self, "_reporter", None) is not None:
+            self._reporter.cancel()
         try:
             self.engine.shutdown()
         except Exception:  # noqa: BLE001 - best effort at teardown

@@ -64,7 +64,7 @@ class ServerError(APIError):
 
 # Exceptions (by class name, as Ray may wrap them) that mean the engine or its replica is gone.
 _UNAVAILABLE = frozenset({"EngineDeadError", "ActorDiedError", "ActorUnavailableError", "RayActorError",
-                          "ReplicaUnavailableError"})
+                          "ReplicaUnavailableError", "ReplicaGone"})
 
 
 def as_api_error(e: BaseException, rid: str | None = None) -> APIError:

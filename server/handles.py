@@ -13,28 +13,36 @@ logger = logging.getLogger("ray.serve")
 
 class EngineClient:
     """``Engine`` for one request: every engine request it starts has an id derived from the API
-    request's id (``abort`` stops them all). ``delta``: stream one chunk per engine step (a client
-    that streams) or one chunk at the end (fewer messages for a non-streamed answer)."""
+    request's id (``abort`` stops them all) and goes to the engine replica that admitted the request
+    (``replica``, set at admission; server/routing.py sends the calls there). ``delta``: stream one
+    chunk per engine step (a client that streams) or one chunk at the end (fewer messages for a
+    non-streamed answer)."""
 
-    def __init__(self, handle, tokenizer, request_id: str, *, delta: bool = True):
+    def __init__(self, handle, tokenizer, request_id: str, *, delta: bool = True, replica: str | None = None):
         self.handle = handle
         self.tokenizer = tokenizer
         self.request_id = request_id
         self.delta = delta
+        self.replica = replica
         self.calls = 0
 
     async def generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[list[Completion]]:
         self.calls += 1
         rid = f"{self.request_id}-{self.calls}-{uuid.uuid4().hex[:6]}"
-        return await self.handle.generate.remote(prompts, params, rid)
+        return await self.handle.generate.remote(prompts, params, rid, replica=self.replica)
 
     async def stream(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[StreamChunk]:
-        gen = self.handle.options(stream=True).stream.remote(prompt_ids, params, self.request_id, self.delta)
+        gen = self.handle.options(stream=True).stream.remote(prompt_ids, params, self.request_id, self.delta,
+                                                             replica=self.replica)
         async for chunk in gen:
             yield chunk
 
     async def abort(self) -> int:
-        return await self.handle.abort.remote(self.request_id)
+        return await self.handle.abort.remote(self.request_id, replica=self.replica)
+
+    async def release(self) -> None:
+        """Give the request's budget back on the replica that admitted it."""
+        await self.handle.release.remote(self.request_id, replica=self.replica)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -1,16 +1,30 @@
-"""Every Prometheus series the service exports, in one place.
+"""Every Prometheus series the service exports, in one place, aggregated across replicas.
 
 All names share the ``alignserve_`` prefix and carry their unit; labels are ``method``
-(none, best_of_n, vas, transfer_q, args) and, for rewards, ``objective``. The ingress
-process owns the registry and serves it on ``GET /metrics``; Ray Serve's own metrics stay
-on Ray's metrics export port.
+(the registered methods) and, for rewards, ``objective``.
+
+Across replicas: one small deployment (``MetricsDeployment``) owns the registry. Ingress replicas
+send it what they observe (``Sink``: one message per request, before the response is complete, so a
+scrape after a response always counts it); ingress and engine replicas report their gauges (requests
+in flight, admitted cost, budget, unfinished engine requests) under their replica id, summed at each
+scrape and forgotten when a replica stops reporting. ``GET /metrics`` on any ingress replica answers
+with the complete set; the names and labels are those a single process used to export. In a process
+without the deployment (unit tests, CLIs) the same calls apply to this module's ``REGISTRY`` directly.
+Ray Serve's own metrics stay on Ray's metrics export port.
 """
 from __future__ import annotations
 
-from typing import Callable
+import asyncio
+import logging
+import time
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+from prometheus_client.core import GaugeMetricFamily
+from ray import serve
+
+logger = logging.getLogger("ray.serve")
 
 PREFIX = "alignserve"
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -29,15 +43,6 @@ REQUESTS = Counter(_name("requests"), "Finished requests by method and HTTP stat
                    ["method", "status"], registry=REGISTRY)
 REQUESTS_REJECTED = Counter(_name("requests_rejected"), "Requests refused before any work (overload, auth, validation).",
                             ["method", "reason"], registry=REGISTRY)
-REQUESTS_IN_FLIGHT = Gauge(_name("requests_in_flight"), "Requests being served now.",
-                           ["method"], registry=REGISTRY)
-# The admission budget (limits.max_concurrent_cost), in sequences: a best-of-8 request costs 8.
-COST_IN_FLIGHT = Gauge(_name("cost_in_flight_sequences"),
-                       "Cost admitted and not yet released (sequences; a best-of-8 request costs 8).",
-                       registry=REGISTRY)
-COST_BUDGET = Gauge(_name("cost_budget_sequences"),
-                    "Configured limits.max_concurrent_cost: past it requests are refused with 429.",
-                    registry=REGISTRY)
 ALIGNMENT_FAILURES = Counter(_name("alignment_failures"), "Aligned requests that failed in a reward or value model.",
                              ["method", "component"], registry=REGISTRY)
 
@@ -91,56 +96,234 @@ KL_ESTIMATE = Histogram(_name("kl_estimate_nats"), "Estimated KL(aligned || base
 ADDED_LATENCY = Histogram(_name("added_latency_seconds"), "Latency spent on alignment work (scoring, rollouts, value models).",
                           ["method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 
-ALL_METRIC_NAMES = sorted({m._name for m in REGISTRY._collector_to_names})  # noqa: SLF001
+BY_NAME = {m._name: m for m in list(REGISTRY._collector_to_names)}  # noqa: SLF001
+
+# Gauges reported by replicas (summed at each scrape): name -> (help, label names).
+REPORTED = {
+    _name("requests_in_flight"): ("Requests being served now (all ingress replicas).", ["method"]),
+    _name("cost_in_flight_sequences"): ("Cost admitted and not yet released, all engine replicas (sequences; a "
+                                        "best-of-8 request costs 8).", []),
+    _name("cost_budget_sequences"): ("Summed limits.max_concurrent_cost of the live engine replicas: past it "
+                                     "requests are refused with 429.", []),
+    _name("engine_unfinished_requests"): ("Requests an engine replica is still working on (generating or queued).",
+                                          ["replica"]),
+    _name("replicas"): ("Replicas reporting, by deployment kind.", ["kind"]),
+}
+ALL_METRIC_NAMES = sorted(set(BY_NAME) | set(REPORTED))
+REPORT_TTL_S = 15.0
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+class Aggregator:
+    """The registry's owner: applies observations and keeps the replicas' reported gauges."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.reports: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # (kind, replica) -> (time, values)
+        registry.register(_Reported(self))
+
+    def apply(self, ops: list[tuple[str, str, tuple, float]]) -> None:
+        for op, name, labels, value in ops:
+            child = BY_NAME[name].labels(*labels) if labels else BY_NAME[name]
+            if op == "inc":
+                child.inc(value)
+            else:
+                child.observe(value)
+
+    def report(self, kind: str, replica: str, values: dict[str, Any] | None) -> None:
+        """A replica's current gauges (None: it stopped, forget it now)."""
+        if values is None:
+            self.reports.pop((kind, replica), None)
+        else:
+            self.reports[(kind, replica)] = (time.monotonic(), values)
+
+    def live(self, kind: str) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        for key in [k for k, (t, _) in self.reports.items() if now - t > REPORT_TTL_S]:
+            del self.reports[key]
+        return {r: v for (k, r), (_, v) in self.reports.items() if k == kind}
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Reported:
+    """The reported gauges as metric families (a prometheus_client custom collector)."""
+
+    def __init__(self, agg: Aggregator):
+        self.agg = agg
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        ingress, engines = self.agg.live("ingress"), self.agg.live("engine")
+        fams = {name: GaugeMetricFamily(name, doc, labels=labels) for name, (doc, labels) in REPORTED.items()}
+        by_method: dict[str, float] = {}
+        for values in ingress.values():
+            for method, n in (values.get("in_flight") or {}).items():
+                by_method[method] = by_method.get(method, 0) + n
+        for method, n in sorted(by_method.items()):
+            fams[_name("requests_in_flight")].add_metric([method], n)
+        fams[_name("cost_in_flight_sequences")].add_metric([], sum(v.get("cost_in_flight", 0) for v in engines.values()))
+        fams[_name("cost_budget_sequences")].add_metric([], sum(v.get("capacity", 0) for v in engines.values()))
+        for replica, values in sorted(engines.items()):
+            fams[_name("engine_unfinished_requests")].add_metric([replica], values.get("unfinished", 0))
+        for kind, live in (("ingress", ingress), ("engine", engines)):
+            fams[_name("replicas")].add_metric([kind], len(live))
+        return list(fams.values())
+
+
+LOCAL = Aggregator(REGISTRY)
+
+
+def local() -> Aggregator:
+    """This process's aggregator (a function: deployment classes ship by value, functions by name)."""
+    return LOCAL
+
+
+# ----------------------------------------------------------------------------- what replicas call
+
+class Sink:
+    """Where this process's observations go: ``LOCAL`` by default; in a replica, ``connect`` sends
+    them to the MetricsDeployment (buffered; ``flush`` sends what is buffered, with this replica's
+    report)."""
+
+    def __init__(self):
+        self.handle = None
+        self.kind, self.replica = "ingress", "local"
+        self.buffer: list[tuple[str, str, tuple, float]] = []
+        self.values: dict[str, Any] = {}
+        self._task: asyncio.Task | None = None
+
+    def connect(self, handle, kind: str, replica: str) -> None:
+        self.handle, self.kind, self.replica = handle, kind, replica
+
+    def add(self, op: str, metric, labels: tuple = (), value: float = 1.0) -> None:
+        item = (op, metric._name, tuple(str(x) for x in labels), float(value))  # noqa: SLF001
+        if self.handle is None:
+            LOCAL.apply([item])
+        else:
+            self.buffer.append(item)
+            self._flush_soon()
+
+    def set_report(self, values: dict[str, Any]) -> None:
+        self.values = values
+        if self.handle is None:
+            LOCAL.report(self.kind, self.replica, values)
+        else:
+            self._flush_soon()
+
+    async def flush(self) -> None:
+        if self.handle is None or (not self.buffer and not self.values):
+            return
+        ops, self.buffer = self.buffer, []
+        try:
+            await self.handle.push.remote(ops, self.kind, self.replica, self.values)
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            logger.warning("could not send %d metric updates", len(ops), exc_info=True)
+
+    def _flush_soon(self) -> None:
+        """Sync callers (the gate, exception handlers): send within a moment."""
+        if self._task is None or self._task.done():
+            try:
+                self._task = asyncio.get_running_loop().create_task(self._later())
+            except RuntimeError:  # no loop here (a test): the next flush sends it
+                pass
+
+    async def _later(self) -> None:
+        await asyncio.sleep(0.05)
+        await self.flush()
+
+
+SINK = Sink()
+
+
+def sink() -> Sink:
+    return SINK
+
+
+def rejected(method: str, reason: str) -> None:
+    SINK.add("inc", REQUESTS_REJECTED, (method, reason))
+
+
+def failure(method: str, component: str) -> None:
+    SINK.add("inc", ALIGNMENT_FAILURES, (method, component))
+
+
+async def flush() -> None:
+    await SINK.flush()
 
 
 def record(method: str, outcome, status: int, elapsed_s: float, streamed: bool) -> None:
     """Observe a finished request: its status and latency, and for a 200 its tokens and, from its
     receipt, its rewards, gains and cost (``outcome``: server/rendering.py Outcome)."""
-    REQUESTS.labels(method, str(status)).inc()
-    REQUEST_LATENCY.labels(method).observe(elapsed_s)
-    PROMPT_TOKENS.labels(method).inc(outcome.prompt_tokens)
+    add = SINK.add
+    add("inc", REQUESTS, (method, status))
+    add("observe", REQUEST_LATENCY, (method,), elapsed_s)
+    add("inc", PROMPT_TOKENS, (method,), outcome.prompt_tokens)
     if status != 200:
         return
-    OUTPUT_TOKENS.labels(method).inc(outcome.completion_tokens)
+    add("inc", OUTPUT_TOKENS, (method,), outcome.completion_tokens)
     # Time to first token only where the client gets tokens as they come (stream: true); a
     # non-streamed answer arrives whole, and its latency is request_latency_seconds.
     if outcome.first_token_t is not None and streamed and outcome.started_t is not None:
-        TIME_TO_FIRST_TOKEN.labels(method).observe(outcome.first_token_t - outcome.started_t)
+        add("observe", TIME_TO_FIRST_TOKEN, (method,), outcome.first_token_t - outcome.started_t)
         n = outcome.completion_tokens
         if n > 1 and outcome.last_token_t > outcome.first_token_t:
-            INTER_TOKEN_LATENCY.labels(method).observe((outcome.last_token_t - outcome.first_token_t) / (n - 1))
+            add("observe", INTER_TOKEN_LATENCY, (method,), (outcome.last_token_t - outcome.first_token_t) / (n - 1))
     if elapsed_s > 0 and outcome.completion_tokens:
-        OUTPUT_TOKENS_PER_SECOND.labels(method).observe(outcome.completion_tokens / elapsed_s)
+        add("observe", OUTPUT_TOKENS_PER_SECOND, (method,), outcome.completion_tokens / elapsed_s)
     r = outcome.receipt
     if r is None:
         return
     for choice in r.choices or []:
-        for obj, s in choice.rewards.items():
-            REWARD.labels(method, obj).observe(s.raw)
+        for obj, sc in choice.rewards.items():
+            add("observe", REWARD, (method, obj), sc.raw)
         if choice.mixed is not None:
-            MIXED_REWARD.labels(method).observe(choice.mixed)
+            add("observe", MIXED_REWARD, (method,), choice.mixed)
         if choice.kl_estimate is not None:
-            KL_ESTIMATE.labels(method).observe(choice.kl_estimate)
+            add("observe", KL_ESTIMATE, (method,), choice.kl_estimate)
     for obj, gain in (r.reward_gain or {}).items():
-        REWARD_GAIN.labels(method, obj).observe(gain)
+        add("observe", REWARD_GAIN, (method, obj), gain)
     if r.candidate_mean_mixed is not None and r.choices and r.choices[0].mixed is not None:
-        MIXED_REWARD_GAIN.labels(method).observe(r.choices[0].mixed - r.candidate_mean_mixed)
+        add("observe", MIXED_REWARD_GAIN, (method,), r.choices[0].mixed - r.candidate_mean_mixed)
     cost = r.cost
     if cost is not None:
         for counter, value in ((BASE_TOKENS, cost.base_tokens), (CANDIDATES, cost.candidates),
                                (ROLLOUTS, cost.rollouts), (ROLLOUT_TOKENS, cost.rollout_tokens),
                                (VALUE_MODEL_STEPS, cost.value_model_steps)):
             if value:
-                counter.labels(method).inc(value)
-    ADDED_LATENCY.labels(method).observe(r.added_latency_s)
-
-
-def bind_cost_gauges(in_flight: Callable[[], float], budget: float) -> None:
-    """Export the ingress' admission budget: `in_flight` is read at every scrape."""
-    COST_BUDGET.set(budget)
-    COST_IN_FLIGHT.set_function(in_flight)
+                add("inc", counter, (method,), value)
+    add("observe", ADDED_LATENCY, (method,), r.added_latency_s)
 
 
 def exposition() -> bytes:
-    return generate_latest(REGISTRY)
+    """This process's view (the complete one only in the MetricsDeployment, or without replicas)."""
+    return LOCAL.exposition()
+
+
+# ----------------------------------------------------------------------------- the deployment
+
+@serve.deployment(name="MetricsDeployment", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10)
+class MetricsDeployment:
+    """One replica owning the registry for all replicas of the application (see the module docstring)."""
+
+    def __init__(self):
+        self.agg = local()
+
+    async def push(self, ops: list, kind: str, replica: str, values: dict[str, Any] | None) -> None:
+        self.agg.apply(ops)
+        if kind and replica:
+            self.agg.report(kind, replica, values or {})
+
+    async def forget(self, kind: str, replica: str) -> None:
+        self.agg.report(kind, replica, None)
+
+    async def replicas(self, kind: str) -> dict[str, dict[str, Any]]:
+        """The live replicas of a kind ("ingress" | "engine") with their last reported gauges."""
+        return self.agg.live(kind)
+
+    async def exposition(self) -> bytes:
+        return self.agg.exposition()

@@ -21,12 +21,11 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, SerializeAsAny, Tag, TypeAdapter,
-                      ValidationError, field_serializer, field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, SerializeAsAny, StringConstraints, Tag,
+                      TypeAdapter, ValidationError, field_serializer, field_validator)
 
 from decoders import registry
-from decoders.base import (Bool, Float, Int, MethodParams, ParamError, Receipt, Text, TokenLogprob, finite,
-                           valid_unicode)
+from decoders.base import Bool, Float, Int, MethodParams, ParamError, Receipt, Text, TokenLogprob, finite, int_in
 from server.config import LimitsConfig
 
 # ----------------------------------------------------------------------------- alignment
@@ -105,20 +104,26 @@ class StreamOptions(BaseModel):
     include_usage: Bool | None = False
 
 
+class TextPart(BaseModel):
+    """A content part of a message: text only (images, audio and files are refused)."""
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: Text
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[dict[str, Any]] | None = None
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
 
-    @field_validator("content")
+    @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, v: Any) -> Any:
         if isinstance(v, list):
             for part in v:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts are supported")
-                valid_unicode(part["text"])
         return v
 
     def text(self) -> str:
@@ -126,7 +131,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part["text"] for part in self.content)
+        return "".join(part.text for part in self.content)
 
 
 def _openai_order(schema: dict[str, Any], cls: type) -> None:
@@ -136,6 +141,13 @@ def _openai_order(schema: dict[str, Any], cls: type) -> None:
     rest = sorted(f for f in props if f not in head and f != "alignment")
     order = head + rest + (["alignment"] if "alignment" in props else [])
     schema["properties"] = {f: props[f] for f in order}
+
+
+# Longest stop string (characters): every step checks each against the tail of the text.
+MAX_STOP_CHARS = 256
+StopString = Annotated[Text, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]   # logit_bias keys, as OpenAI sends them
+Bias = Annotated[Float, Field(ge=-100.0, le=100.0)]
 
 
 def _refuse_unless(ok: bool, message: str) -> None:
@@ -155,15 +167,16 @@ class _SamplingRequest(BaseModel):
 
     model: Text
     frequency_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[Text, Float] | None = Field(default=None, description="token id -> bias in [-100, 100]")
+    logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=300,
+                                                   description="token id -> bias in [-100, 100]")
     logprobs: Any = None
-    max_tokens: Int | None = Field(default=None, ge=1)
+    max_tokens: int_in(ge=1) | None = None
     metadata: dict[Text, Text] | None = None
-    n: Int | None = Field(default=None, ge=1)
+    n: int_in(ge=1) | None = None
     presence_penalty: Float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: Int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    seed: int_in(ge=-(2**63), le=2**63 - 1) | None = None
     service_tier: Text | None = None
-    stop: Text | list[Text] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     store: Bool | None = None
     stream: Bool | None = False
     stream_options: StreamOptions | None = None
@@ -193,18 +206,6 @@ class _SamplingRequest(BaseModel):
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return stops
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
-        if v is not None and len(v) > 300:
-            raise ValueError("at most 300 logit_bias entries")
-        return v
 
     @field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty")
     @classmethod
@@ -268,10 +269,6 @@ class _SamplingRequest(BaseModel):
         return params
 
 
-# Longest stop string (characters): every step checks each against the tail of the text.
-MAX_STOP_CHARS = 256
-
-
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema"]
@@ -291,7 +288,7 @@ class ChatCompletionRequest(_SamplingRequest):
     function_call: Any = None
     functions: list[dict[str, Any]] | None = None
     logprobs: Bool | None = False
-    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: int_in(ge=1) | None = None
     modalities: list[Text] | None = None
     parallel_tool_calls: Bool | None = None
     prediction: dict[str, Any] | None = None
@@ -301,7 +298,7 @@ class ChatCompletionRequest(_SamplingRequest):
     safety_identifier: Text | None = None
     tool_choice: Any = None
     tools: list[dict[str, Any]] | None = None
-    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int_in(ge=0, le=20) | None = None
     verbosity: Text | None = None
 
     @field_validator("top_logprobs")
@@ -362,10 +359,10 @@ class CompletionRequest(_SamplingRequest):
     set: ``max_tokens: 0`` scores a text without generating, how lm-eval scores choices)."""
     REQUIRED_ORDER: ClassVar[tuple[str, ...]] = ("model", "prompt")  # the schema's order (_openai_order)
     prompt: Text | list[Text] | list[Int] | list[list[Int]] = Field(...)
-    best_of: Int | None = Field(default=None, ge=1)
+    best_of: int_in(ge=1) | None = None
     echo: Bool | None = False
-    logprobs: Int | None = Field(default=None, ge=0, le=5)
-    max_tokens: Int | None = Field(default=None, ge=0)
+    logprobs: int_in(ge=0, le=5) | None = None
+    max_tokens: int_in(ge=0) | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -610,28 +607,51 @@ def method_cards() -> list[MethodCard]:
 
 # ----------------------------------------------------------------------------- the served schema
 
-_REGISTERED: dict[str, list[str]] = {"objectives": [], "baselines": []}
+_REGISTERED: dict[str, Any] = {"objectives": [], "baselines": [], "limits": None}
 
 
-def register_names(objectives: list[str], baselines: list[str]) -> None:
+def register_names(objectives: list[str], baselines: list[str], limits: LimitsConfig | None = None) -> None:
     """What this server registered (set by the ingress): the OpenAPI schema lists them, so clients
-    (and the schema fuzzer) see which objectives and baselines a request may name."""
+    (and the schema fuzzer) see which objectives and baselines a request may name, and its ranges."""
     _REGISTERED["objectives"] = sorted(objectives)
     _REGISTERED["baselines"] = sorted(baselines)
+    _REGISTERED["limits"] = limits
+
+
+def _bound(prop: dict[str, Any], maximum: float) -> None:
+    """Set ``maximum`` on a property's number schema (plain or inside anyOf)."""
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") in ("integer", "number"):
+            option["maximum"] = maximum
+
+
+# (request or params field, the LimitsConfig field bounding it)
+_LIMITED = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "top_k": "max_top_k",
+            "block": "max_block", "rollout_tokens": "max_rollout_tokens", "beta": "max_beta", "alpha": "max_alpha",
+            "indirect_coef": "max_beta", "chunk_tokens": "max_tokens"}
 
 
 def with_registered_names(schema: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI schema with each method's ``weights`` / ``caps`` keys and ``baseline`` limited to
-    the registered names (in place; returns it)."""
-    objectives, baselines = _REGISTERED["objectives"], _REGISTERED["baselines"]
-    for comp in schema.get("components", {}).get("schemas", {}).values():
+    the registered names, and the server's configured ranges as maxima (in place; returns it)."""
+    objectives, baselines, limits = _REGISTERED["objectives"], _REGISTERED["baselines"], _REGISTERED["limits"]
+    for name, comp in schema.get("components", {}).get("schemas", {}).items():
         props = comp.get("properties", {})
+        if limits is not None:
+            for field, limit in _LIMITED.items():
+                if field in props:
+                    _bound(props[field], getattr(limits, limit))
+            if "n" in props:
+                _bound(props["n"], limits.max_best_of_n if "method" in props else limits.max_n)
         if "method" not in props:
             continue
-        for key in ("weights", "caps"):
-            if key in props and objectives:
-                props[key]["anyOf"] = [{"type": "object", "propertyNames": {"enum": objectives},
-                                        "additionalProperties": {"type": "number"}}, {"type": "null"}]
+        weight = {"type": "number", "minimum": 0, **({"maximum": limits.max_weight} if limits else {})}
+        if "weights" in props and objectives:
+            props["weights"]["anyOf"] = [{"type": "object", "propertyNames": {"enum": objectives},
+                                          "additionalProperties": weight}, {"type": "null"}]
+        if "caps" in props and objectives:
+            props["caps"]["anyOf"] = [{"type": "object", "propertyNames": {"enum": objectives},
+                                       "additionalProperties": {"type": "number"}}, {"type": "null"}]
         if "baseline" in props and baselines:
             props["baseline"]["anyOf"] = [{"type": "string", "enum": baselines}, {"type": "null"}]
     return schema

@@ -90,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _drain(serve, timeout_s: float) -> None:
+    """Drain every ingress replica at once (each refuses new requests and finishes those in flight)."""
     try:
         handle = serve.get_deployment_handle("OpenAIIngress", app_name="alignserve")
-        left = handle.drain.remote(timeout_s).result(timeout_s=timeout_s + 15)
-        logger.info("drained in-flight requests (%s left)", left)
+        registry = serve.get_deployment_handle("MetricsDeployment", app_name="alignserve")
+        replicas = list(registry.replicas.remote("ingress").result(timeout_s=10)) or [None]
+        calls = [handle.drain.remote(timeout_s, replica=r) for r in replicas]
+        left = [c.result(timeout_s=timeout_s + 15) for c in calls]
+        logger.info("drained in-flight requests of %d ingress replica(s) (%s left)", len(calls), sum(left))
     except Exception as e:  # noqa: BLE001 - shutting down anyway
         logger.warning("could not drain in-flight requests: %s", e)
 

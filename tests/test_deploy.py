@@ -368,9 +368,10 @@ def test_serve_configs_agree(overlay):
     else:
         assert cluster.engine.max_model_len == local.engine.max_model_len
     assert cluster.model_name == local.model_name or cluster.engine.tensor_parallel_size > 1
-    # One ingress replica: it owns the registry behind GET /metrics (see deploy/k8s/base/podmonitor.yaml).
-    for sc in (local, cluster):
-        assert sc.ingress.autoscaling is None and sc.ingress.num_replicas == 1
+    # The cluster scales every deployment, the ingress included (metrics are aggregated across replicas).
+    for field in ("ingress", "engine_deployment", "rewards_deployment"):
+        a = getattr(cluster, field).autoscaling
+        assert a and a["max_replicas"] > 1, field
 
 
 def test_registry_example_in_docs_validates():
@@ -427,7 +428,9 @@ def test_build_app_from_config(name):
     sc = ServerConfig.model_validate(args)
     built = build_built_app(build_app(args), name=APP_NAME)
     deployments = {d.name: d for d in built.deployments}
-    assert set(deployments) == set(DEPLOYMENTS.values())
+    # + the MetricsDeployment: one replica aggregating every replica's series (server/metrics.py)
+    assert set(deployments) == set(DEPLOYMENTS.values()) | {"MetricsDeployment"}
+    assert deployments["MetricsDeployment"]._deployment_config.num_replicas == 1  # noqa: SLF001
     for field, dep_name in DEPLOYMENTS.items():
         want, d = getattr(sc, field), deployments[dep_name]
         dc = d._deployment_config  # noqa: SLF001
@@ -456,8 +459,10 @@ def exported_series() -> dict[str, set[str]]:
     """Series name -> label names, as prometheus_client exposes server.metrics.REGISTRY."""
     from server import metrics
 
-    series: dict[str, set[str]] = {}
+    series: dict[str, set[str]] = {name: set(labels) for name, (_, labels) in metrics.REPORTED.items()}
     for collector in metrics.REGISTRY._collector_to_names:  # noqa: SLF001
+        if not hasattr(collector, "_name"):  # the reported gauges (above)
+            continue
         name, kind, labels = collector._name, collector._type, set(collector._labelnames)  # noqa: SLF001
         if kind == "counter":
             series[f"{name}_total"] = labels
@@ -581,16 +586,25 @@ def test_dashboard_has_tradeoff_panels():
             assert "best_of_n" in p["description"] and "no base sample" in p["description"], p["title"]
 
 
-def test_cost_gauges():
+def test_reported_gauges_are_summed_over_live_replicas(monkeypatch):
+    """Gauges come from each replica's reports: summed over the live ones, forgotten after a silence."""
     from server import metrics
 
-    cost = {"now": 3}
-    metrics.bind_cost_gauges(lambda: cost["now"], 256)
-    cost["now"] = 11
-    text = metrics.exposition().decode()
-    assert "alignserve_cost_in_flight_sequences 11.0" in text
-    assert "alignserve_cost_budget_sequences 256.0" in text
-    help_lines = {ln.split()[2]: ln for ln in text.splitlines() if ln.startswith("# HELP")}
+    agg = metrics.Aggregator(__import__("prometheus_client").CollectorRegistry())
+    agg.report("engine", "e1", {"unfinished": 2, "cost_in_flight": 3, "capacity": 256})
+    agg.report("engine", "e2", {"unfinished": 1, "cost_in_flight": 8, "capacity": 256})
+    agg.report("ingress", "i1", {"in_flight": {"none": 2, "vas": 1}})
+    agg.report("ingress", "i2", {"in_flight": {"none": 1}})
+    text = agg.exposition().decode()
+    assert "alignserve_cost_in_flight_sequences 11.0" in text and "alignserve_cost_budget_sequences 512.0" in text
+    assert 'alignserve_requests_in_flight{method="none"} 3.0' in text
+    assert 'alignserve_engine_unfinished_requests{replica="e2"} 1.0' in text
+    assert 'alignserve_replicas{kind="engine"} 2.0' in text
+    clock = {"t": 1e9}
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock["t"] + metrics.REPORT_TTL_S + 1)
+    assert agg.live("engine") == {} and "alignserve_cost_budget_sequences 0.0" in agg.exposition().decode()
+    full = metrics.exposition().decode()
+    help_lines = {ln.split()[2]: ln for ln in full.splitlines() if ln.startswith("# HELP")}
     for name in ("alignserve_time_to_first_token_seconds", "alignserve_inter_token_latency_seconds"):
         assert "produced" in help_lines[name] and "sent" not in help_lines[name], help_lines[name]
 

@@ -327,7 +327,7 @@ def test_every_deployment_drains_on_graceful_shutdown():
     from server.app import build_app
 
     built = build_built_app(build_app({"limits": {"drain_timeout_s": 12}}), name="alignserve")
-    assert len(built.deployments) == 3
+    assert len(built.deployments) == 4
     for d in built.deployments:
         dc = d._deployment_config  # noqa: SLF001
         assert dc.graceful_shutdown_timeout_s == 12 and dc.graceful_shutdown_wait_loop_s == 1.0, d.name
@@ -452,9 +452,9 @@ class _Remote:
     def __init__(self, fn):
         self.fn = fn
 
-    def remote(self, *args):
+    def remote(self, *args, **kwargs):
         async def call():
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
         return call()
 
 
@@ -464,14 +464,17 @@ class _SilentEngine:
 
     def __init__(self):
         self.aborted: list[str] = []
+        self.released: list[str] = []
         self.info = _Remote(lambda: {"value_models": []})
-        self.abort = _Remote(lambda rid: self.aborted.append(rid) or 1)
+        self.abort = _Remote(lambda rid, replica=None: self.aborted.append(rid) or 1)
+        self.admit = _Remote(lambda rid, n, exclude_replicas=(): {"admitted": True, "replica": "r0"})
+        self.release = _Remote(lambda rid, replica=None: self.released.append(rid))
         self.stream = SimpleNamespace(remote=self._stream)
 
     def options(self, **kw):
         return self
 
-    async def _stream(self, prompt_ids, params, rid, delta=True):
+    async def _stream(self, prompt_ids, params, rid, delta=True, replica=None):
         from decoders.base import Completion, StreamChunk
 
         yield StreamChunk(outputs=[Completion(text="x", token_ids=[1])])
@@ -513,7 +516,7 @@ def test_a_request_costlier_than_the_whole_budget_is_a_400_naming_the_knob(kw, p
     with pytest.raises(BadRequest) as e:
         asyncio.run(ing._serve(_completion(**kw), _request(), kind="text"))
     assert e.value.status_code == 400 and e.value.code == "request_too_costly" and e.value.param == param
-    assert "Retry-After" not in e.value.headers and ing.cost_in_flight == 0
+    assert "Retry-After" not in e.value.headers and ing.requests_in_flight == 0
 
 
 @pytest.mark.parametrize("kw, param, limit", [
@@ -531,7 +534,7 @@ def test_work_past_the_per_request_limit_is_refused_up_front(kw, param, limit):
         asyncio.run(ing._serve(_completion(**kw), _request(), kind="text"))
     assert e.value.code == "request_too_costly" and e.value.param == param and limit in e.value.message
     assert "alignment.rollout_tokens" in e.value.message or "rollout" not in json.dumps(kw)
-    assert ing.cost_in_flight == 0
+    assert ing.requests_in_flight == 0
 
 
 def test_a_cancelled_non_streamed_request_aborts_its_engine_work():
@@ -542,7 +545,7 @@ def test_a_cancelled_non_streamed_request_aborts_its_engine_work():
     async def main():
         task = asyncio.ensure_future(ing._serve(_completion(), _request(), kind="text"))
         await asyncio.sleep(0.5)
-        assert ing.cost_in_flight == 1
+        assert ing.requests_in_flight == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -551,7 +554,7 @@ def test_a_cancelled_non_streamed_request_aborts_its_engine_work():
 
     asyncio.run(main())
     assert len(ing.aborted) == 1 and ing.aborted[0].startswith("cmpl-")
-    assert ing.cost_in_flight == 0 and not ing._background
+    assert ing.requests_in_flight == 0 and not ing._background and ing.engine.released == ing.aborted
 
 
 def test_a_dead_engine_is_a_503_and_a_failing_chat_template_a_400():
@@ -615,7 +618,7 @@ def test_a_failed_non_streamed_request_aborts_its_engine_work():
     """A method that fails after starting engine work: its requests are aborted, its budget returned."""
     ing = _ingress()
 
-    async def failing(prompt_ids, params, rid, delta=True):
+    async def failing(prompt_ids, params, rid, delta=True, replica=None):
         from decoders.base import Completion, StreamChunk
 
         yield StreamChunk(outputs=[Completion(text="x", token_ids=[1])])
@@ -632,7 +635,7 @@ def test_a_failed_non_streamed_request_aborts_its_engine_work():
 
     err = asyncio.run(main())
     assert err.status_code == 500 and "lost its connection" not in err.message
-    assert len(ing.aborted) == 1 and ing.cost_in_flight == 0
+    assert len(ing.aborted) == 1 and ing.requests_in_flight == 0
 
 
 def test_refusals_are_counted_by_reason():
@@ -866,7 +869,9 @@ BAD_REQUESTS = [
      _chat(alignment={"method": "transfer_q", "weights": {"sentiment": 1}, "alpha": -1}), 400, "alignment.alpha"),
     ("unknown transform", "/v1/chat/completions", _bon(transform="exp"), 400, "alignment.transform"),
     # Second round: requests that used to pass validation and fail inside (500s, non-JSON bodies).
-    ("best-of-N, greedy", "/v1/chat/completions", _bon(temperature=0), 400, "temperature"),
+    ("best-of-N, greedy", "/v1/chat/completions",
+     _chat(temperature=0, alignment={"method": "best_of_n", "n": 2, "weights": {"sentiment": 1.0}}), 400,
+     "temperature"),
     ("cap far outside any reward", "/v1/chat/completions",
      _chat(alignment={"method": "best_of_n", "n": 2, "weights": {"sentiment": 100}, "caps": {"sentiment": -1e307}}),
      400, "alignment.caps.sentiment"),
@@ -874,7 +879,8 @@ BAD_REQUESTS = [
      {"model": MODEL, "prompt": "x", "max_tokens": 512,
       "alignment": {"method": "transfer_q", "weights": {"sentiment": 1}, "top_k": 50, "block": 1, "rollout_tokens": 64}},
      400, "alignment.top_k"),
-    ("logit_bias outside the vocabulary", "/v1/chat/completions", _chat(logit_bias={"99999999": 5}), 400, None),
+    ("logit_bias outside the vocabulary", "/v1/chat/completions", _chat(logit_bias={"99999999": 5}), 400,
+     "logit_bias"),
     ("echo with an aligned method", "/v1/completions",
      {"model": MODEL, "prompt": "x", "echo": True, "alignment": {"method": "best_of_n", "weights": {"sentiment": 1}}},
      400, "echo"),

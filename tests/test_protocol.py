@@ -120,7 +120,7 @@ def test_what_openai_clients_send_is_taken_or_refused_by_name():
                        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                        ({"tool_choice": "required"}, "tool_choice"), ({"functions": [{"name": "f"}]}, "functions"),
                        ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "x"}}, "audio"),
-                       ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+                       ({"logit_bias": {"x": 1}}, "logit_bias.x"), ({"logit_bias": {"1": 101}}, "logit_bias.1"),
                        ({"stop": ["x" * 257]}, "stop")]:
         with pytest.raises(ValidationError) as e:
             chat(**bad)

@@ -8,7 +8,7 @@ from typing import AsyncIterator, ClassVar, Literal
 
 from pydantic import Field
 
-from decoders.base import Budget, Cost, Delta, Event, Finish, Int, Method
+from decoders.base import Budget, Cost, Delta, Event, Finish, Method, int_in
 from decoders.plain import score_receipt
 from decoders.rewards import MixtureParams
 
@@ -17,7 +17,7 @@ class ShoutParams(MixtureParams):
     needs_weights: ClassVar[bool] = False
 
     method: Literal["shout"] = "shout"
-    exclamations: Int = Field(default=1, ge=0, le=5, description="'!' appended to each answer")
+    exclamations: int_in(ge=0, le=5) = Field(default=1, description="'!' appended to each answer")
 
 
 class Shout(Method):
