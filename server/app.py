@@ -29,7 +29,7 @@ from server import gate, metrics
 from server.config import ServerConfig
 from server.errors import APIError, BadRequest, NotFound, Overloaded, ServerError, Timeout, as_api_error
 from server.engine import replica_id
-from server.handles import EngineClient, RewardClient
+from server.handles import EngineClient, RewardClient, detached
 from server.routing import router_config
 from server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, describe_error,
                              method_cards, new_id, register_names, with_registered_names)
@@ -235,7 +235,7 @@ class OpenAIIngress:
     def _abort_soon(self, flight: Flight) -> None:
         """Abort from a task of its own: for a request whose task is being cancelled (the client
         went away), an `await` there would be cancelled too."""
-        task = asyncio.ensure_future(self._abort(flight))
+        task = detached(self._abort(flight))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -267,7 +267,7 @@ class OpenAIIngress:
     def _release(self, flight: Flight) -> None:
         """The request ended, however it ended: its budget back on its engine replica, its count down."""
         self._count(flight.method, -1)
-        task = asyncio.ensure_future(self._give_back(flight))
+        task = detached(self._give_back(flight))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

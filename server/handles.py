@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import uuid
 from typing import Any, AsyncIterator, Sequence
@@ -9,6 +10,15 @@ from typing import Any, AsyncIterator, Sequence
 from decoders.base import AlignmentFailure, Completion, StreamChunk
 
 logger = logging.getLogger("ray.serve")
+
+
+def detached(coro) -> asyncio.Task:
+    """Run ``coro`` in a task outside the current Serve request. When a request is cancelled (its
+    client went away), Ray Serve cancels every call the request made that is still in flight or
+    waiting for a replica, including those made after the cancellation by its cleanup; the calls
+    that clean up after it (abort, budget release, metrics) must outlive it, so they run in a
+    context that belongs to no request."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 class EngineClient:

@@ -24,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported fo
 from prometheus_client.core import GaugeMetricFamily
 from ray import serve
 
+from server.handles import detached
+
 logger = logging.getLogger("ray.serve")
 
 PREFIX = "alignserve"
@@ -228,7 +230,7 @@ class Sink:
         """Sync callers (the gate, exception handlers): send within a moment."""
         if self._task is None or self._task.done():
             try:
-                self._task = asyncio.get_running_loop().create_task(self._later())
+                self._task = detached(self._later())
             except RuntimeError:  # no loop here (a test): the next flush sends it
                 pass
 

@@ -105,8 +105,10 @@ def _repair(body: dict) -> None:
         body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if re.fullmatch(r"[0-9]{1,9}", k) and int(k) < VOCAB}
     prompt = body.get("prompt")
     if isinstance(prompt, list):
-        body["prompt"] = [[t % VOCAB for t in p] if isinstance(p, list) else (p % VOCAB if isinstance(p, int) else p)
-                          for p in prompt]
+        def token(t):  # keep whatever is not a token id (a negative case's violation)
+            return t % VOCAB if isinstance(t, int) and not isinstance(t, bool) else t
+
+        body["prompt"] = [[token(t) for t in p] if isinstance(p, list) else token(p) for p in prompt]
     if body.get("max_tokens") == 0 and not body.get("echo"):
         body["max_tokens"] = 8
     alignment = body.get("alignment")
