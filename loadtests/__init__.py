@@ -9,6 +9,8 @@ Every tool here refuses non-loopback targets unless explicitly allowed.
 from __future__ import annotations
 
 import ipaddress
+import os
+import platform
 import subprocess
 import sys
 import threading
@@ -37,6 +39,26 @@ def check_target(url: str, allow_remote: bool, flag: str = "--allow-remote") -> 
     if not allow_remote and not is_loopback_url(url):
         raise ValueError(f"refusing to load-test non-loopback URL {url!r}: only 127.0.0.1/localhost "
                          f"are targeted unless {flag} is given")
+
+
+# The CPU flags that decide how fast a CPU runs the engine (bf16/AMX paths, vector width).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "bf16", "asimd", "sve")
+
+
+def machine() -> str:
+    """The machine a benchmark ran on: CPU model, logical CPUs, the flags that matter for speed."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    have = [f for f in SPEED_FLAGS if f in flags]
+    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(have) or 'none of ' + '/'.join(SPEED_FLAGS)}"
 
 
 def start_server(port: int, config: str | Path | None = None) -> tuple[subprocess.Popen, str, float]:

@@ -14,15 +14,13 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-from loadtests import start_server
+from loadtests import machine, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 METHODS = {
@@ -31,16 +29,6 @@ METHODS = {
                                "rollout_tokens": 8},
 }
 TOPICS = ["a lighthouse", "a robot chef", "a lost cat", "Mars", "a library", "chess", "a caravan", "a village"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def drive(url: str, alignment: dict, concurrency: int, total: int, max_tokens: int) -> dict[str, float]:
@@ -72,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--port", type=int, default=8197)
     args = ap.parse_args(argv)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs")
+    print(f"machine: {machine()}")
     results: dict[int, dict[str, dict[str, float]]] = {}
     cold_s: dict[int, float] = {}
     for replicas in (1, 2):

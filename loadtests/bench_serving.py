@@ -1,12 +1,14 @@
 """Serving overhead: plain decoding through our HTTP API vs the bare vLLM engine, in one run.
 
-    python -m loadtests.bench_serving [--concurrency 1,4,16] [--requests-per-level 16] [--max-tokens 64]
+    python -m loadtests.bench_serving [--concurrency 1,16] [--requests-per-level 16] [--max-tokens 64] [--rounds 4]
 
-Phase 1 runs the bare ``AsyncLLM`` in this process (same model, same engine settings) and
-phase 2 starts the real app (``python -m server.serve``, as ``make serve`` does: its cold start
-is reported) and sends the same requests (same prompts, seeds, sampling) over HTTP with the
-official client's wire format. Same seeds give the same outputs, so both do the same work.
-Prints requests/s, output tokens/s, p50/p95 latency per concurrency and the ratios ours/bare.
+Starts the real app (``python -m server.serve``, as ``make serve`` does: its cold start is reported),
+then the bare ``AsyncLLM`` in this process (same model, same engine settings, same dtype), and sends
+both the same requests (same prompts, seeds, sampling; ours over HTTP in the official client's wire
+format). Both stay up and take turns, ``--rounds`` rounds per concurrency level in alternating order,
+so that drift of a shared machine falls on both alike. Same seeds give the same outputs, so both do
+the same work. Prints the machine (CPU model, flags), the dtype, requests/s, output tokens/s,
+p50/p95 latency per concurrency and the ratios ours/bare.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 
 import httpx
 
-from loadtests import start_server
+from loadtests import machine, start_server
 
 PROMPT = "Write a long, detailed story about {topic}."
 TOPICS = ["a lighthouse keeper", "a robot chef", "a lost cat", "the first city on Mars", "a haunted library",
@@ -40,8 +42,8 @@ def requests_for(n: int) -> list[tuple[str, int]]:
     return [(PROMPT.format(topic=TOPICS[i % len(TOPICS)]), 1000 + i) for i in range(n)]
 
 
-async def drive(one, concurrency: int, total: int) -> dict[str, float]:
-    work = requests_for(total)
+async def drive(one, concurrency: int, work: list[tuple[str, int]]) -> tuple[list[float], int, float]:
+    """``work`` at ``concurrency``: (latencies, output tokens, wall seconds)."""
     queue: asyncio.Queue = asyncio.Queue()
     for item in work:
         queue.put_nowait(item)
@@ -59,10 +61,11 @@ async def drive(one, concurrency: int, total: int) -> dict[str, float]:
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(lat, toks, time.perf_counter() - t0)
+    return lat, toks, time.perf_counter() - t0
 
 
-async def bench_bare(levels, per_level, max_tokens) -> dict[int, dict]:
+async def bare_client(max_tokens: int):
+    """The bare engine in this process: (one(prompt, seed) -> output tokens, the engine)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -82,60 +85,79 @@ async def bench_bare(levels, per_level, max_tokens) -> dict[int, dict]:
             final = out
         return len(final.outputs[0].token_ids)
 
-    out = {}
-    for c in levels:
-        out[c] = await drive(one, c, max(per_level, 3 * c))
-        print(f"bare  c={c:<3} {fmt(out[c])}", flush=True)
-    engine.shutdown()
-    return out
+    return one, engine
 
 
-async def bench_ours(url: str, levels, per_level, max_tokens) -> dict[int, dict]:
-    async with httpx.AsyncClient(timeout=600) as client:
-        model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+def ours_client(client: httpx.AsyncClient, url: str, model: str, max_tokens: int):
+    async def one(prompt: str, seed: int) -> int:
+        r = await client.post(f"{url}/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 1.0, "seed": seed})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
 
-        async def one(prompt: str, seed: int) -> int:
-            r = await client.post(f"{url}/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "temperature": 1.0, "seed": seed})
-            r.raise_for_status()
-            return r.json()["usage"]["completion_tokens"]
+    return one
 
-        await one("warm up", 1)
-        out = {}
-        for c in levels:
-            out[c] = await drive(one, c, max(per_level, 3 * c))
-            print(f"ours  c={c:<3} {fmt(out[c])}", flush=True)
-        return out
+
+async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, rounds: int):
+    """{side: {concurrency: summary}} with both sides taking turns, and the engine's dtype."""
+    bare, engine = await bare_client(max_tokens)
+    try:
+        async with httpx.AsyncClient(timeout=600) as client:
+            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+            ours = ours_client(client, url, model, max_tokens)
+            await ours("warm up", 1)
+            sides = {"bare": bare, "ours": ours}
+            out: dict[str, dict[int, dict]] = {"bare": {}, "ours": {}}
+            for c in levels:
+                # Whole waves of c requests in every round: a half-full last wave would measure the tail.
+                wave = c * rounds
+                work = requests_for(-(-max(per_level, 3 * c) // wave) * wave)
+                acc = {side: ([], 0, 0.0) for side in sides}
+                for r in range(rounds):
+                    part = work[r::rounds]
+                    for side in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
+                        lat, toks, wall = await drive(sides[side], c, part)
+                        a = acc[side]
+                        acc[side] = (a[0] + lat, a[1] + toks, a[2] + wall)
+                for side, (lat, toks, wall) in acc.items():
+                    out[side][c] = summarize(lat, toks, wall)
+                    print(f"{side:5} c={c:<3} {fmt(out[side][c])}", flush=True)
+            return out, engine.dtype
+    finally:
+        engine.shutdown()
 
 
 def fmt(s: dict) -> str:
     return f"req/s {s['req_s']:6.2f}  tok/s {s['tok_s']:7.1f}  p50 {s['p50']:6.2f}s  p95 {s['p95']:6.2f}s"
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--requests-per-level", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=4, help="turns per side and level (alternating order)")
     ap.add_argument("--port", type=int, default=8199)
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    print(f"machine: {machine()}", flush=True)
 
-    bare = asyncio.run(bench_bare(levels, args.requests_per_level, args.max_tokens))
-    proc, _, cold = start_server(args.port)
+    proc, url, cold = start_server(args.port)
     try:
-        ours = asyncio.run(bench_ours(f"http://127.0.0.1:{args.port}", levels, args.requests_per_level, args.max_tokens))
+        res, dtype = asyncio.run(bench(url, levels, args.requests_per_level, args.max_tokens, max(1, args.rounds)))
     finally:
         import signal
 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+    bare, ours = res["bare"], res["ours"]
 
-    print(f"\nPlain decoding, {args.max_tokens}-token outputs, max({args.requests_per_level}, 3 x concurrency) requests per level "
-          f"(one run, same prompts and seeds)\n")
+    print(f"\nmachine: {machine()}; engine dtype: {dtype} (both)")
+    print(f"Plain decoding, {args.max_tokens}-token outputs, max({args.requests_per_level}, 3 x concurrency) requests "
+          f"per level and side (rounded up to whole waves), in {args.rounds} alternating rounds (one run, same "
+          f"prompts and seeds)\n")
     print("| concurrency | bare req/s | bare tok/s | bare p50 s | bare p95 s | ours req/s | ours tok/s | ours p50 s "
           "| ours p95 s | tok/s ours/bare | p50 ours/bare |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

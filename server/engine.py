@@ -24,6 +24,7 @@ from ray import serve
 from decoders.base import Completion, ParamError, StreamChunk, TokenLogprob, TopLogprob
 from decoders.base_model import resolve_model
 from server.config import ServerConfig
+from server.cpu_layout import restore_cpus
 from server.routing import ReplicaGone
 
 logger = logging.getLogger("ray.serve")
@@ -206,6 +207,8 @@ class Engine:
                 vllm_config.model_config.logits_processors = [processor]
                 logger.info("VAS: value models %s steer through the Model Runner %s logits processor %s",
                             self.value_model_objectives, self.model_runner, processor.__name__)
+        if on_cpu:
+            restore_cpus()  # a replica started after the serving layer was pinned (server/cpu_layout.py)
         from server.process_guard import mark_owner
 
         mark_owner()  # the engine core and its workers die with this process (server/process_guard.py)

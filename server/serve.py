@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from server.app import build_app
+    from server.cpu_layout import remember_cpus, reserve_worker_cores
 
+    remember_cpus()  # before Ray starts: its processes inherit it (server/cpu_layout.py)
     init_kwargs: dict = {}
     if os.environ.get("RAY_METRICS_EXPORT_PORT"):
         # A fixed port for Ray's metrics agent, so Prometheus can scrape ray_serve_* (default: random).
@@ -73,11 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.run(build_app(config), name="alignserve", route_prefix="/", blocking=False)
         started = True
+        layout = reserve_worker_cores()  # CPU-only: the serving layer off the vLLM workers' cores
         logger.info("alignserve ready in %.1fs: http://%s:%d/v1 (model %s)", time.time() - t0, args.host, args.port,
                     ServerConfig.model_validate(config).model_name)
         print(f"READY http://{args.host}:{args.port}", flush=True)
+        ticks = 0
         while not stop.wait(0.5):
-            pass
+            ticks += 1
+            if layout is not None and ticks % 60 == 0:
+                reserve_worker_cores(quiet=True)  # replicas Ray started since (a replaced one) join them
     finally:
         # Graceful: serve.shutdown() kills the HTTP proxy at once, cutting open connections, so first
         # let the ingress refuse new requests (503) and finish those in flight (up to drain_timeout_s).

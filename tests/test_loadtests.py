@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import check_target, is_loopback_url
+from loadtests import check_target, is_loopback_url, machine
 from loadtests.eval import build_configs, build_parser, main as eval_main, pareto_front, parse_methods, parse_weights
 from loadtests.runner import build_alignment, main as runner_main, percentile, run_load
 
@@ -41,6 +41,18 @@ def test_runner_refuses_non_loopback_url():
         run_load("http://10.1.2.3:8000", concurrency=1, requests=1)
     assert runner_main(["--url", "http://example.com:8000", "--requests", "1"]) == 2
     check_target("http://example.com", allow_remote=True)  # explicitly allowed: no error
+
+
+def test_machine_names_cpu_and_speed_flags():
+    """The benchmarks print where they ran: CPU model, CPU count and the flags that set its speed."""
+    text = machine()
+    assert f"{os.cpu_count()} CPUs" in text and "flags: " in text
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    for flag in ("avx2", "avx512_bf16", "amx_bf16"):
+        assert (f" {flag}" in text.split("flags:")[1]) == (flag in flags)
 
 
 def test_percentile():
