@@ -78,3 +78,23 @@ def test_nothing_to_do_without_bound_workers_or_when_switched_off(monkeypatch):
         root.kill()
         root.wait()
         time.sleep(0.1)
+
+
+@pytest.mark.integration
+def test_served_engine_worker_has_its_core_to_itself(server):
+    """The real `server.serve`: once READY, the ingress replica and Ray's daemons run on the cores the
+    vLLM worker is not bound to (the log says which), the worker and engine core stay as vLLM put them."""
+    import psutil
+
+    procs = psutil.Process(server.proc.pid).children(recursive=True)
+    names = {p.pid: p.name() for p in procs}
+    workers = [pid for pid, name in names.items() if name.startswith("VLLM::Worker")]
+    assert workers, sorted(set(names.values()))
+    bound = set().union(*(a for pid in workers for a in _affinities(pid) if a != os.sched_getaffinity(0)))
+    if not bound:
+        pytest.skip("vLLM did not bind its worker's threads on this machine")
+    ingress = [p for p in procs if "OpenAIIngress" in " ".join(p.cmdline())]
+    assert ingress
+    for p in ingress:
+        assert all(not (a & bound) for a in _affinities(p.pid))
+    assert "CPU layout: vLLM workers compute on cores" in server.log.read_text(errors="replace")
