@@ -4,7 +4,7 @@ vLLM's CPU backend binds each worker's OpenMP threads to cores of its own and le
 (``reserve_cpu_num``, one core per worker on x86) to "the scheduler and the serving framework".
 Ray does not know that: its daemons, the Serve controller and proxy, our ingress, reward and metrics
 replicas float over every core and preempt the worker's threads, so every forward pass waits for them.
-On 2 cores that cost plain requests ~10 % of their speed (docs/performance.md). After the
+On 2 cores that cost plain requests 10-15 % of their speed (docs/performance.md). After the
 application is up, ``reserve_worker_cores`` moves every other thread of the local Ray session onto the
 cores the workers do not use. vLLM's engine-core processes stay where vLLM put them.
 
