@@ -30,7 +30,7 @@ import httpx
 import psutil
 
 from loadtests import start_server
-from loadtests.bench_serving import requests_for
+from loadtests.bench_serving import bare_client, ours_client, requests_for
 
 
 def _label(p: psutil.Process) -> str:
@@ -41,7 +41,7 @@ def _label(p: psutil.Process) -> str:
     except psutil.Error:
         return "?"
     for pat, label in ((r"ServeReplica:\w+:(\w+)", r"replica \1"), (r"ray::(\w+)", r"ray::\1"),
-                       (r"(ProxyActor)", r"\1"), (r"(gcs_server)", r"\1"), (r"(raylet)", r"\1"),
+                       (r"(gcs_server)", r"\1"), (r"(raylet)", r"\1"),
                        (r"dashboard/(\w+)\.py", r"dashboard \1"), (r"(runtime_env/agent)", r"\1"),
                        (r"(log_monitor)", r"\1"), (r"(monitor)\.py", r"\1")):
         m = re.search(pat, cmd)
@@ -71,31 +71,24 @@ def cpu_delta(before: dict, after: dict, per: int) -> list[tuple[str, float]]:
     return sorted(((k, v) for k, v in by_label.items() if v >= 0.005), key=lambda kv: -kv[1])
 
 
-async def run_bare(n: int, max_tokens: int) -> tuple[list[float], list]:
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    from server.config import ServerConfig
-    from server.engine import Engine
-
-    engine = Engine(ServerConfig(), enable_vas=False)
-    await engine.warm_up()
-    tok = engine.tokenizer
+async def one_at_a_time(one, n: int) -> list[float]:
+    """The latency of each of ``n`` requests sent one after another."""
     lat = []
-    before = cpu_snapshot()
     for prompt, seed in requests_for(n):
         t0 = time.perf_counter()
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       tokenize=False)
-        ids = tok.encode(text, add_special_tokens=False)
-        sp = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
-        async for _ in engine.llm.generate({"prompt_token_ids": ids}, sp, f"bare-{seed}-{time.time_ns()}"):
-            pass
+        await one(prompt, seed)
         lat.append(time.perf_counter() - t0)
-    usage = cpu_delta(before, cpu_snapshot(), n)
-    engine.shutdown()
-    return lat, usage
+    return lat
+
+
+async def run_bare(n: int, max_tokens: int) -> tuple[list[float], list]:
+    one, engine = await bare_client(max_tokens)
+    try:
+        before = cpu_snapshot()
+        lat = await one_at_a_time(one, n)
+        return lat, cpu_delta(before, cpu_snapshot(), n)
+    finally:
+        engine.shutdown()
 
 
 def py_spy(pids: dict[str, int], seconds: int, out_dir: Path) -> list[subprocess.Popen]:
@@ -127,26 +120,16 @@ def hottest(raw: Path, top: int = 12) -> list[tuple[str, float]]:
 async def run_ours(url: str, n: int, max_tokens: int, spy: bool) -> tuple[list[float], list, dict]:
     async with httpx.AsyncClient(timeout=600) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
-
-        async def one(prompt: str, seed: int) -> None:
-            r = await client.post(f"{url}/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "temperature": 1.0, "seed": seed})
-            r.raise_for_status()
-
+        one = ours_client(client, url, model, max_tokens)
         await one("warm up", 1)
         spies, out_dir = [], Path("out/profile")
         if spy:
             out_dir.mkdir(parents=True, exist_ok=True)
             pids = {label: pid for pid, (label, _) in cpu_snapshot().items()
-                    if label in ("replica OpenAIIngress", "replica EngineDeployment", "ProxyActor")}
+                    if label in ("replica OpenAIIngress", "replica EngineDeployment", "ray::ProxyActor")}
             spies = py_spy(pids, 10_000, out_dir)
-        lat = []
         before = cpu_snapshot()
-        for prompt, seed in requests_for(n):
-            t0 = time.perf_counter()
-            await one(prompt, seed)
-            lat.append(time.perf_counter() - t0)
+        lat = await one_at_a_time(one, n)
         usage = cpu_delta(before, cpu_snapshot(), n)
         hot = {}
         for p in spies:
