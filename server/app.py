@@ -209,7 +209,7 @@ class OpenAIIngress:
             metrics.sink().connect(metrics_handle, "ingress", self.replica)
             self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())
         self.draining = False
-        self._background: set[asyncio.Task] = set()  # engine aborts of requests whose task was cancelled
+        self._background: set[asyncio.Task] = set()  # cleanup of ended requests (aborts, budget releases)
         self._engine_info: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- plumbing
@@ -235,7 +235,11 @@ class OpenAIIngress:
     def _abort_soon(self, flight: Flight) -> None:
         """Abort from a task of its own: for a request whose task is being cancelled (the client
         went away), an `await` there would be cancelled too."""
-        task = detached(self._abort(flight))
+        self._in_background(self._abort(flight))
+
+    def _in_background(self, coro) -> None:
+        """Run cleanup outside the request (server/handles.detached), holding the task until it ends."""
+        task = detached(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -267,9 +271,7 @@ class OpenAIIngress:
     def _release(self, flight: Flight) -> None:
         """The request ended, however it ended: its budget back on its engine replica, its count down."""
         self._count(flight.method, -1)
-        task = detached(self._give_back(flight))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._give_back(flight))
 
     async def _give_back(self, flight: Flight) -> None:
         try:
@@ -334,7 +336,7 @@ class OpenAIIngress:
     @app.get("/admin/state", include_in_schema=False)
     async def admin_state(self, request: Request) -> dict[str, int]:
         """The budget in use and the unfinished requests, summed over the engine replicas (each asked
-        directly), and how many engine replicas answered."""
+        directly)."""
         self._test_hooks(request)
         loads = await self._engine_loads()
         return {"cost_in_flight": sum(x["cost_in_flight"] for x in loads),

@@ -4,8 +4,8 @@ All names share the ``alignserve_`` prefix and carry their unit; labels are ``me
 (the registered methods) and, for rewards, ``objective``.
 
 Across replicas: one small deployment (``MetricsDeployment``) owns the registry. Ingress replicas
-send it what they observe (``Sink``: one message per request, before the response is complete, so a
-scrape after a response always counts it); ingress and engine replicas report their gauges (requests
+send it what they observe (``Sink``: before a response is complete its observations have been sent, so
+a scrape after a response always counts it; requests that finish together share one message); ingress and engine replicas report their gauges (requests
 in flight, admitted cost, budget, unfinished engine requests) under their replica id, summed at each
 scrape and forgotten when a replica stops reporting. ``GET /metrics`` on any ingress replica answers
 with the complete set; the names and labels are those a single process used to export. In a process
