@@ -41,6 +41,21 @@ class RunningServer:
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=30).text
 
+    def admin_state(self, headers: dict | None = None) -> dict:
+        """GET /admin/state (servers with `enable_test_hooks`): the engines' budget in use and unfinished requests."""
+        r = httpx.get(f"{self.url}/admin/state", headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_idle(self, within_s: float, headers: dict | None = None) -> dict:
+        """The admin state once the budget is back to 0 and the engines idle, or as it is after `within_s`."""
+        deadline = time.time() + within_s
+        while True:
+            s = self.admin_state(headers)
+            if s == {"cost_in_flight": 0, "engine_unfinished": 0} or time.time() > deadline:
+                return s
+            time.sleep(0.2)
+
 
 def start_server(tmp_dir: Path, config_path: Path | None = None, env: dict | None = None) -> RunningServer:
     port = _free_port()

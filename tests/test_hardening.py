@@ -1068,19 +1068,12 @@ AUTH = {"Authorization": f"Bearer {FILE_KEY}"}
 
 
 def _state(srv: RunningServer) -> dict:
-    r = httpx.get(srv.url + "/admin/state", headers=AUTH, timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()
+    return srv.admin_state(AUTH)
 
 
 def _wait_idle(srv: RunningServer, within_s: float = 5.0) -> dict:
     """Budget back to 0 and the engine idle, within `within_s`."""
-    deadline = time.time() + within_s
-    while True:
-        s = _state(srv)
-        if s == {"cost_in_flight": 0, "engine_unfinished": 0} or time.time() > deadline:
-            return s
-        time.sleep(0.2)
+    return srv.wait_idle(within_s, AUTH)
 
 
 def _metrics(srv: RunningServer) -> str:

@@ -91,19 +91,6 @@ def _post(srv, path, body, **kw):
     return httpx.post(srv.url + path, json=body, timeout=kw.pop("timeout", 300), **kw)
 
 
-def _state(srv) -> dict:
-    return httpx.get(srv.url + "/admin/state", timeout=30).json()
-
-
-def _wait_idle(srv, within_s: float) -> dict:
-    deadline = time.time() + within_s
-    while True:
-        s = _state(srv)
-        if s == {"cost_in_flight": 0, "engine_unfinished": 0} or time.time() > deadline:
-            return s
-        time.sleep(0.2)
-
-
 def _counter(text: str, name: str, **labels) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -146,7 +133,7 @@ def test_every_engine_call_of_a_request_reaches_its_replica(scaled):
         assert r is not None and r.status_code == 200, r.text if r is not None else r
         calls = r.json()["alignment"].get("engine_calls")
         assert calls is None or calls >= 4
-    assert _wait_idle(scaled, 10) == {"cost_in_flight": 0, "engine_unfinished": 0}
+    assert scaled.wait_idle(10) == {"cost_in_flight": 0, "engine_unfinished": 0}
 
 
 def test_dropped_streams_leave_no_engine_work_on_any_replica(scaled):
@@ -162,11 +149,11 @@ def test_dropped_streams_leave_no_engine_work_on_any_replica(scaled):
             while got < 2:
                 got += next(lines).startswith("data: ")
             streams.append((cm, lines))
-        s = _state(scaled)
+        s = scaled.admin_state()
         assert s["cost_in_flight"] == 4 and s["engine_unfinished"] >= 1, s
         for cm, _ in streams:
             cm.__exit__(None, None, None)
-    assert _wait_idle(scaled, 5) == {"cost_in_flight": 0, "engine_unfinished": 0}
+    assert scaled.wait_idle(5) == {"cost_in_flight": 0, "engine_unfinished": 0}
 
 
 def test_twelve_requests_count_twelve_on_every_scrape(scaled):
@@ -199,13 +186,13 @@ def test_the_budget_is_the_engines_across_both_ingress_replicas(scaled):
             while not next(lines).startswith("data: "):
                 pass
             held.append((cm, lines))
-        assert _state(scaled)["cost_in_flight"] == 2 * PER_ENGINE
+        assert scaled.admin_state()["cost_in_flight"] == 2 * PER_ENGINE
         for _ in range(4):  # whichever ingress replica takes it
             r = _post(scaled, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
             assert r.status_code == 429 and r.headers.get("retry-after") == "1", r.text
         for cm, _ in held:
             cm.__exit__(None, None, None)
-    assert _wait_idle(scaled, 5)["cost_in_flight"] == 0
+    assert scaled.wait_idle(5)["cost_in_flight"] == 0
     assert _post(scaled, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
