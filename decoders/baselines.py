@@ -6,13 +6,17 @@ Three kinds are registered in the server config's ``baselines`` (:class:`Baselin
 
 * ``prompted``: the *base* model itself, steered by a system prompt toward the objective(s) in
   ``aligned_to``. Rollouts run on the same engine, only the context differs (so vLLM prefix
-  caching shares the context across the k rollouts of a step). This is the only kind the
-  embedded default uses.
+  caching shares the context across the k rollouts of a step).
 * ``lora``: a LoRA adapter on the base model (``path`` = adapter dir). Rollouts run on the same
-  engine with ``params["lora_request"] = {"lora_name", "lora_path"}``; the engine
-  (server/engine.py) looks the name up in ITS OWN config's baselines, loads only the configured
-  path, and turns it into a ``vllm.lora.request.LoRARequest`` (LoRA is switched on in the engine
-  when a LoRA baseline is configured: ``EngineConfig.enable_lora``).
+  engine, in the same continuous batch as the base model's candidates, with
+  ``params["lora_request"] = {"lora_name", "lora_path"}``; the engine (server/engine.py) looks the
+  name up in ITS OWN config's baselines, loads only the configured path, and turns it into a
+  ``vllm.lora.request.LoRARequest`` (LoRA is switched on in the engine when a LoRA baseline is
+  configured: ``EngineConfig.enable_lora``). The embedded default ships two, trained by DPO
+  (decoders/train_baseline.py, ``make train-baselines``): ``sentiment`` and ``safety``
+  (decoders/baseline_adapters/*, each with its card); they are the default baselines of the
+  objectives they were trained for, and each is also served as a model of its own
+  (``<served model name>-<baseline name>``, server/app.py).
 * ``model``: another model served by vLLM. NOT SUPPORTED YET: the server has no second engine
   deployment to roll it out on, so :func:`validate_baselines` (run when the server config is
   loaded) refuses it rather than silently rolling out the base model. The decoder side is ready
@@ -24,7 +28,9 @@ Everything here is pure (no engine, no tokenizer): chat rendering is injected as
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -32,6 +38,8 @@ from pydantic import BaseModel, ConfigDict
 from decoders.base import ParamError
 
 BASELINE_PARAM = "alignment.baseline"
+# The DPO LoRA adapters trained for the embedded default model (decoders/train_baseline.py).
+PACKAGED_ADAPTERS = Path(__file__).resolve().parent / "baseline_adapters"
 
 
 class BaselineConfig(BaseModel):
@@ -67,9 +75,30 @@ _WARM_HARMLESS = ("You are a warm, kind and harmless assistant. Answer helpfully
                   "encouraging wording; never use profanity, insults or offensive language.")
 
 
-def default_baseline_configs() -> dict[str, BaselineConfig]:
-    """The embedded default baselines: one ``prompted`` baseline per default objective
-    (sentiment, safety, relevance, brevity), plus one for the common sentiment+safety pair."""
+def packaged_adapters(root: Path = PACKAGED_ADAPTERS) -> dict[str, BaselineConfig]:
+    """The shipped DPO LoRA baselines of the embedded default model: one per adapter dir under
+    ``root`` (name = dir name; aligned to the objective its card names)."""
+    out: dict[str, BaselineConfig] = {}
+    for cfg in sorted(root.glob("*/adapter_config.json")):
+        d = cfg.parent
+        card_path = d / "card.json"
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        objective = card.get("objective", d.name)
+        out[d.name] = BaselineConfig(kind="lora", aligned_to=[objective], path=str(d),
+                                     description=f"LoRA adapter trained by DPO for {objective} "
+                                                 f"(decoders/baseline_adapters/{d.name}/README.md).")
+    return out
+
+
+def default_baseline_configs(embedded: bool = True) -> dict[str, BaselineConfig]:
+    """The default baselines: for the embedded default model its DPO LoRA adapters
+    (:func:`packaged_adapters`, sentiment and safety); for any model one ``prompted`` baseline per
+    default objective (sentiment, safety, relevance, brevity), plus one for the sentiment+safety pair."""
+    adapters = packaged_adapters() if embedded else {}
+    return {**adapters, **_prompted_defaults()}
+
+
+def _prompted_defaults() -> dict[str, BaselineConfig]:
     return {
         "positive": BaselineConfig(kind="prompted", aligned_to=["sentiment"], system_prompt=_POSITIVE,
                                    description="Base model prompted for warm, upbeat, positive wording."),
@@ -107,18 +136,20 @@ def validate_baselines(baselines: Mapping[str, BaselineConfig], objectives: Iter
             raise ValueError(f"baseline {name!r}: kind {bl.kind!r} needs a path")
 
 
-def load_baselines(configured: Mapping[str, BaselineConfig] | None,
-                   objectives: Iterable[str]) -> dict[str, BaselineConfig]:
+def load_baselines(configured: Mapping[str, BaselineConfig] | None, objectives: Iterable[str], *,
+                   embedded: bool = True, lora: bool = True) -> dict[str, BaselineConfig]:
     """The baseline registry a server uses: ``configured`` (validated against ``objectives``), or,
-    when None, the embedded defaults whose objectives are all registered (a config with its own
-    objectives and no baselines gets only the defaults that fit it, never one that would score an
-    unregistered objective)."""
+    when None, the defaults whose objectives are all registered (a config with its own objectives
+    and no baselines gets only the defaults that fit it, never one that would score an
+    unregistered objective). The default LoRA adapters belong to the embedded model: they are
+    registered only for it (``embedded``) and when LoRA is not switched off (``lora``)."""
     names = list(objectives)
     if configured is not None:
         validate_baselines(configured, names)
         return dict(configured)
     known = set(names)
-    return {n: bl for n, bl in default_baseline_configs().items() if set(bl.aligned_to) <= known}
+    return {n: bl for n, bl in default_baseline_configs(embedded=embedded and lora).items()
+            if set(bl.aligned_to) <= known}
 
 
 def _overlap(weights: Mapping[str, float], bl: BaselineConfig) -> tuple[float, int]:
@@ -130,9 +161,12 @@ def _overlap(weights: Mapping[str, float], bl: BaselineConfig) -> tuple[float, i
 def default_baseline_for(weights: Mapping[str, float], baselines: Mapping[str, BaselineConfig]) -> str:
     """The baseline that best fits a reward mixture.
 
-    Highest total weight of the weighted objectives it is aligned to (a negative weight counts
-    against a baseline aligned to that objective); ties: fewest aligned objectives the request
-    does not weight (prefer an exact match), then name.
+    A trained baseline (``lora``) aligned to an objective the request weights positively comes
+    first: a model trained for the reward is what Transfer Q* assumes, and a mixture it was not
+    trained for (e.g. sentiment + safety from the sentiment adapter) is indirect transfer, as in
+    the paper. Among the candidates: highest total weight of the weighted objectives it is aligned
+    to (a negative weight counts against a baseline aligned to that objective); ties: fewest
+    aligned objectives the request does not weight (prefer an exact match), then name.
     """
     if not baselines:
         raise ParamError("no baselines are registered; Transfer Q* needs one", param=BASELINE_PARAM)
@@ -141,7 +175,8 @@ def default_baseline_for(weights: Mapping[str, float], baselines: Mapping[str, B
         total, extra = _overlap(weights, baselines[name])
         return (-total, extra, name)
 
-    return min(baselines, key=key)
+    trained = [n for n, bl in baselines.items() if bl.kind == "lora" and _overlap(weights, bl)[0] > 0]
+    return min(trained or baselines, key=key)
 
 
 def resolve_baseline(name: str | None, weights: Mapping[str, float],

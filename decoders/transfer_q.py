@@ -185,6 +185,25 @@ def selection_scores(base_logprobs: Sequence[float], q: Sequence[float] | None, 
     return [float(b) + alpha * float(v) for b, v in zip(base_logprobs, q)]
 
 
+def selection_log_ratio(base_terms: Sequence[float], q: Sequence[float] | None, alpha: float,
+                        temperature: float, chosen: int) -> float:
+    """``log p_select(chosen) - log p_base(chosen)`` for one step: the step's contribution to the
+    answer's KL estimate (receipt ``kl_estimate``; summed over steps, it is a one-sample estimate of
+    KL(decoded || base), the base restricted to each step's candidates).
+
+    ``p_base = softmax(base_terms)`` (the base's distribution over the candidates: top-k token
+    log-probs, or log counts of sampled blocks); ``p_select`` is what :func:`select_candidate` draws
+    from, ``softmax((base_terms + alpha*Q) / temperature)`` (top_p ignored), a point mass at
+    temperature 0. At temperature 1 this is ``alpha*Q(chosen) - log E_base[exp(alpha*Q)]``."""
+    base = np.asarray(base_terms, dtype=float)
+    log_base = base - np.logaddexp.reduce(base)
+    if temperature <= 0:
+        return float(-log_base[chosen])
+    scores = np.asarray(selection_scores(base_terms, q, alpha), dtype=float) / temperature
+    log_sel = scores - np.logaddexp.reduce(scores)
+    return float(log_sel[chosen] - log_base[chosen])
+
+
 def select_candidate(base_logprobs: Sequence[float], q: Sequence[float] | None, *, alpha: float,
                      temperature: float, top_p: float = 1.0,
                      rng: np.random.Generator | None = None) -> int:
@@ -376,6 +395,7 @@ class TransferQSearch:
         self.rollout_s = 0.0
         self.q_chosen: list[float] = []
         self.w_chosen: list[float] = []
+        self.kl = 0.0                          # the answer's KL estimate (selection_log_ratio per step)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -395,6 +415,8 @@ class TransferQSearch:
             self.stats.candidates += len(cands)
             q, w = await self._q_values(cands, step_len) if self.scoring else (None, None)
             choice = self._select(cands, q, step, step_len)
+            self.kl += selection_log_ratio(self._base_terms(cands, step_len), q, self.params.alpha, self.temperature,
+                                           choice)
             if q is not None:
                 self.q_chosen.append(q[choice])
             if w is not None:
@@ -541,9 +563,12 @@ class TransferQSearch:
         # (count/k), so the base term is log(count) (adding the block's log-prob would count pi_base
         # twice). At alpha == 0 this is sampling the base model's draws. Decided by the step's length,
         # not params.block: with block > 1, a final step with 1 token of budget is a top-k step.
-        sel_lp = [c.logprob for c in cands] if step_len == 1 else [math.log(c.count) for c in cands]
-        return select_candidate(sel_lp, q, alpha=self.params.alpha, temperature=self.temperature,
+        return select_candidate(self._base_terms(cands, step_len), q, alpha=self.params.alpha, temperature=self.temperature,
                                 top_p=self.top_p, rng=step_rng(self.seed, step) if self.temperature > 0 else None)
+
+    @staticmethod
+    def _base_terms(cands: list[_Cand], step_len: int) -> list[float]:
+        return [c.logprob for c in cands] if step_len == 1 else [math.log(c.count) for c in cands]
 
     # -- e. append, stream, stop --------------------------------------------------------------------
 
@@ -591,7 +616,7 @@ class TransferQSearch:
         if self.w_chosen:
             extras["mean_weight"] = sum(self.w_chosen) / len(self.w_chosen)
         self.stats.extra.update({"engine_calls": self.engine_calls, "scorer_calls": self.scorer_calls,
-                                 "rollout_s": self.rollout_s})
+                                 "rollout_s": self.rollout_s, "kl_estimate": self.kl})
         return extras
 
 
@@ -691,6 +716,8 @@ class ARGS(Method):
         scoring_s = sum(s.scoring_s for s in stats)
         receipt.timing = Timing(generation_s=round(sum(s.generation_s for s in stats), 4))
         await score_receipt(self, receipt, {i: c.text for i, c in enumerate(completions)}, aligning=True)
+        for choice in receipt.choices or []:
+            choice.kl_estimate = stats[choice.index].extra.get("kl_estimate")
         receipt.timing.scoring_s = round(scoring_s + (receipt.timing.scoring_s or 0.0), 4)
         # Added latency (the reward-per-second trade-off) = all scoring (per step and final) + the
         # baseline rollouts' generation time. The candidate steps themselves are counted as

@@ -183,7 +183,6 @@ class OpenAIIngress:
         from transformers import AutoTokenizer
 
         from decoders.base_model import resolve_model
-        from decoders.baselines import load_baselines
         from decoders.rewards import build_objectives
 
         self.config = ServerConfig.model_validate(config)
@@ -194,7 +193,10 @@ class OpenAIIngress:
         self.max_model_len = self.config.engine.max_model_len
         # Registry metadata only (names, reference stats); scoring runs in the reward deployment.
         self.objectives = build_objectives(self.config.objectives)
-        self.baselines = load_baselines(self.config.baselines, self.objectives)
+        self.baselines = self.config.baseline_registry()
+        # Each LoRA baseline is also a model of its own (as vLLM lists LoRA modules): id -> baseline name.
+        self.adapter_models = {f"{self.model_name}-{name}": name for name, bl in self.baselines.items()
+                               if bl.kind == "lora"}
         # listed in /openapi.json: the names a request may use and the server's ranges
         register_names(list(self.objectives), list(self.baselines), self.config.limits)
         eos = {self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get("<|im_end|>")}
@@ -259,10 +261,14 @@ class OpenAIIngress:
                              code="invalid_messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise NotFound(f"The model `{model}` does not exist. Available: {self.model_name}",
-                           param="model", code="model_not_found")
+    def _check_model(self, model: str) -> str | None:
+        """The LoRA baseline that decodes for ``model`` (None: the base model); 404 for an unknown id."""
+        if model == self.model_name:
+            return None
+        if model in self.adapter_models:
+            return self.adapter_models[model]
+        raise NotFound(f"The model `{model}` does not exist. Available: "
+                       f"{', '.join([self.model_name, *self.adapter_models])}", param="model", code="model_not_found")
 
     def _count(self, method: str, delta: int) -> None:
         self.in_flight[method] = self.in_flight.get(method, 0) + delta
@@ -348,21 +354,25 @@ class OpenAIIngress:
         replicas = await self.metrics_handle.replicas.remote("engine")
         return list(await asyncio.gather(*(self.engine.load.remote(replica=r) for r in replicas)))
 
-    def _model_card(self) -> ModelCard:
-        # `root` is the served name, as in vLLM's server: where the weights lie stays private.
-        return ModelCard(id=self.model_name, root=self.model_name, max_model_len=self.max_model_len)
+    def _model_card(self, model: str | None = None) -> ModelCard:
+        # `root` is the served name (vLLM's server puts a path there: where the weights lie stays
+        # private); an adapter's `parent` is the base model, as vLLM lists LoRA modules.
+        if model is None or model == self.model_name:
+            return ModelCard(id=self.model_name, root=self.model_name, max_model_len=self.max_model_len)
+        return ModelCard(id=model, root=model, parent=self.model_name, max_model_len=self.max_model_len)
 
     @app.get("/v1/models", responses=_ERRORS_GET)
     async def models(self, request: Request) -> ModelList:
+        """The base model, then each LoRA adapter it serves (a request naming one decodes with it)."""
         self._authorize(request)
-        return ModelList(data=[self._model_card()])
+        return ModelList(data=[self._model_card(), *(self._model_card(m) for m in self.adapter_models)])
 
     @app.get("/v1/models/{model:path}", responses=_ERRORS_GET_MODEL)
     async def model(self, model: str, request: Request) -> ModelCard:
         """One model (`client.models.retrieve`); an unknown id is a 404 like a request naming it."""
         self._authorize(request)
         self._check_model(model)
-        return self._model_card()
+        return self._model_card(model)
 
     @app.get("/v1/alignment/objectives", responses=_ERRORS_GET)
     async def objectives(self, request: Request) -> dict[str, Any]:
@@ -407,9 +417,11 @@ class OpenAIIngress:
             out.append((list(p), self.tokenizer.decode(p), None))
         return out
 
-    async def _methods(self, body, kind: str, rid: str) -> list[Method]:
+    async def _methods(self, body, kind: str, rid: str, adapter: str | None = None) -> list[Method]:
         """The request's method, one per prompt, prepared (its own checks run): ParamError/APIError on
-        bad input. Chat templating and tokenizing run off the event loop, after the cheap checks."""
+        bad input. Chat templating and tokenizing run off the event loop, after the cheap checks.
+        ``adapter``: the LoRA baseline the request named as its ``model`` (it decodes in place of the
+        base model: every engine call of the method carries it, except rollouts of a baseline)."""
         limits = self.config.limits
         body.check_limits(limits)
         param = "messages" if kind == "chat" else "prompt"
@@ -433,7 +445,7 @@ class OpenAIIngress:
             # Every engine request of the API request has an id starting with `rid` (one abort stops all).
             sub_id = rid if len(prompts) == 1 else f"{rid}-p{i}"
             ctx = MethodContext(
-                engine=EngineClient(self.engine, self.tokenizer, sub_id, delta=request.stream),
+                engine=EngineClient(self.engine, self.tokenizer, sub_id, delta=request.stream, adapter=adapter),
                 scorer=RewardClient(self.rewards, limits.reward_timeout_s, rid),
                 objectives=self.objectives, limits=limits, stop_token_ids=self.stop_token_ids,
                 baselines=self.baselines, value_models=value_models, render_chat=self.render_chat,
@@ -480,11 +492,11 @@ class OpenAIIngress:
         if self.draining:
             raise ServerError("the server is shutting down; retry on another replica", code="shutting_down",
                               status_code=503, headers={"Retry-After": "5"})
-        self._check_model(body.model)
+        adapter = self._check_model(body.model)
         limits = self.config.limits
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         try:
-            methods = await self._methods(body, kind, rid)
+            methods = await self._methods(body, kind, rid, adapter)
         except Exception as e:  # noqa: BLE001 - refusals before admission: nothing to record or release
             raise as_api_error(e, rid) from e
         try:
@@ -498,7 +510,7 @@ class OpenAIIngress:
                         sum(len(m.request.prompt_ids) for m in methods),
                         EngineClient(self.engine, self.tokenizer, rid, replica=replica))
         self._count(first.name, +1)
-        renderer = Renderer(kind, rid, self.model_name, flight.outcome, logprobs=first.request.sampling.get("logprobs"),
+        renderer = Renderer(kind, rid, body.model, flight.outcome, logprobs=first.request.sampling.get("logprobs"),
                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
         events = merge_events([m.decode() for m in methods], first.request.n)
         handed_off = False  # once the streaming response owns the flight's release

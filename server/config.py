@@ -41,12 +41,14 @@ class EngineConfig(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
     # CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_gib: int = 1
-    # LoRA (for `kind: lora` Transfer Q* baselines). None: on exactly when a LoRA baseline is
-    # configured; False with a LoRA baseline configured is a config error. Adapters are loaded only
-    # from the paths in `baselines` (a request names a baseline, never a path).
+    # LoRA (for `kind: lora` Transfer Q* baselines, each also served as a model). None: on exactly
+    # when a LoRA baseline is registered (the embedded default ships two); False drops the default
+    # adapters, and with a LoRA baseline configured is a config error. Adapters are loaded only from
+    # the paths in `baselines` (a request names a baseline or its model id, never a path).
     enable_lora: bool | None = None
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
-    max_loras: int = Field(default=1, ge=1)
+    # Adapters active in one engine batch. None: as many as are registered.
+    max_loras: int | None = Field(default=None, ge=1)
 
 
 class LimitsConfig(_Strict):
@@ -144,6 +146,17 @@ class ServerConfig(_Strict):
             if self.engine.enable_lora is False and any(b.kind == "lora" for b in self.baselines.values()):
                 raise ValueError("a `kind: lora` baseline is configured but engine.enable_lora is false")
         return self
+
+    def baseline_registry(self) -> dict[str, BaselineConfig]:
+        """The Transfer Q* baselines this server registers (the ingress resolves requests against them,
+        the engine loads the LoRA ones): the configured ones, or the defaults that fit the objectives
+        (the shipped adapters only for the embedded model, and not with engine.enable_lora false)."""
+        from decoders.baselines import load_baselines
+        from decoders.rewards import default_objective_configs
+
+        names = list(self.objectives if self.objectives is not None else default_objective_configs())
+        return load_baselines(self.baselines, names, embedded=self.model == EMBEDDED_MODEL,
+                              lora=self.engine.enable_lora is not False)
 
     @property
     def model_name(self) -> str:

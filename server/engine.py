@@ -50,8 +50,9 @@ def _completion(out) -> Completion:
 
 
 def lora_adapters(config: ServerConfig) -> dict[str, str]:
-    """LoRA adapters this engine may load: baseline name -> adapter path, from the server config only."""
-    return {name: bl.path for name, bl in sorted((config.baselines or {}).items())
+    """LoRA adapters this engine may load: baseline name -> adapter path, from the server config only
+    (its baselines, or the default ones: ServerConfig.baseline_registry)."""
+    return {name: bl.path for name, bl in sorted(config.baseline_registry().items())
             if bl.kind == "lora" and bl.path}
 
 
@@ -140,7 +141,8 @@ def batching_args(config: ServerConfig, on_cpu: bool) -> dict[str, Any]:
 def lora_args(config: ServerConfig) -> dict[str, Any]:
     if not lora_enabled(config):
         return {}
-    return {"enable_lora": True, "max_lora_rank": config.engine.max_lora_rank, "max_loras": max(config.engine.max_loras, 1)}
+    max_loras = config.engine.max_loras or max(len(lora_adapters(config)), 1)
+    return {"enable_lora": True, "max_lora_rank": config.engine.max_lora_rank, "max_loras": max_loras}
 
 
 async def refusals_as_param_errors(outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:

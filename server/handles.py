@@ -26,24 +26,33 @@ class EngineClient:
     request's id (``abort`` stops them all) and goes to the engine replica that admitted the request
     (``replica``, set at admission; server/routing.py sends the calls there). ``delta``: stream one
     chunk per engine step (a client that streams) or one chunk at the end (fewer messages for a
-    non-streamed answer)."""
+    non-streamed answer). ``adapter``: a LoRA baseline that decodes in place of the base model (the
+    request named it as its ``model``): calls without a ``lora_request`` of their own (a baseline's
+    rollouts have one) get it."""
 
-    def __init__(self, handle, tokenizer, request_id: str, *, delta: bool = True, replica: str | None = None):
+    def __init__(self, handle, tokenizer, request_id: str, *, delta: bool = True, replica: str | None = None,
+                 adapter: str | None = None):
         self.handle = handle
         self.tokenizer = tokenizer
         self.request_id = request_id
         self.delta = delta
         self.replica = replica
+        self.adapter = adapter
         self.calls = 0
+
+    def _params(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.adapter is None or "lora_request" in params:
+            return params
+        return {**params, "lora_request": {"lora_name": self.adapter}}
 
     async def generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[list[Completion]]:
         self.calls += 1
         rid = f"{self.request_id}-{self.calls}-{uuid.uuid4().hex[:6]}"
-        return await self.handle.generate.remote(prompts, params, rid, replica=self.replica)
+        return await self.handle.generate.remote(prompts, self._params(params), rid, replica=self.replica)
 
     async def stream(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[StreamChunk]:
-        gen = self.handle.options(stream=True).stream.remote(prompt_ids, params, self.request_id, self.delta,
-                                                             replica=self.replica)
+        gen = self.handle.options(stream=True).stream.remote(prompt_ids, self._params(params), self.request_id,
+                                                             self.delta, replica=self.replica)
         async for chunk in gen:
             yield chunk
 

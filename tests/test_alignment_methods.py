@@ -113,7 +113,7 @@ def test_transfer_q_raises_sentiment_with_receipt(client, model_name, base_senti
     tq = [sentiment(r) for r in rs]
     assert statistics.mean(tq) > statistics.mean(base_sentiment), (tq, base_sentiment)
     receipt = rs[0].model_extra["alignment"]
-    assert receipt["method"] == "transfer_q" and receipt["transfer"] == "direct" and receipt["baseline"] == "positive"
+    assert receipt["method"] == "transfer_q" and receipt["transfer"] == "direct" and receipt["baseline"] == "sentiment"
     cost = receipt["cost"]
     assert cost["steps"] >= 1 and cost["rollouts"] >= 1 and cost["rollout_tokens"] >= 1 and cost["candidates"] >= 2
 

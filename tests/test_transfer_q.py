@@ -522,7 +522,7 @@ def test_default_baselines_cover_default_objectives():
 
 
 def test_default_baseline_selection():
-    bls = default_baseline_configs()
+    bls = default_baseline_configs(embedded=False)  # the prompted ones (the adapters: test_lora_baselines.py)
     assert default_baseline_for({"sentiment": 1.0}, bls) == "positive"
     assert default_baseline_for({"safety": 2.0, "sentiment": 0.0}, bls) == "harmless"
     assert default_baseline_for({"relevance": 2.0, "sentiment": 1.0}, bls) == "on_topic"
@@ -590,8 +590,11 @@ def test_lora_and_model_baselines():
                              render_chat=fake_render)
     assert target.name == "safe" and target.params["lora_request"]["lora_path"] == "/adapters/safe"
     assert target.context_ids == fake_render([{"role": "user", "content": "q"}]) and target.aligned_to == ["safety"]
-    target = prepare_rollout(None, {"sentiment": 1.0}, default_baseline_configs(), "Hello", encode=lambda s: [len(s)])
+    target = prepare_rollout(None, {"sentiment": 1.0}, default_baseline_configs(embedded=False), "Hello",
+                             encode=lambda s: [len(s)])
     assert target.name == "positive" and target.generator is None
+    target = prepare_rollout(None, {"sentiment": 1.0}, default_baseline_configs(), "Hello", encode=lambda s: [len(s)])
+    assert target.name == "sentiment" and target.params["lora_request"]["lora_name"] == "sentiment"
     with pytest.raises(ValueError):
         validate_baselines({"m": BaselineConfig(kind="model", aligned_to=["safety"])}, ["safety"])
     # `kind: model` is refused even with a path: the server has no second engine to roll it out on
@@ -735,7 +738,10 @@ def test_load_baselines_defaults_fit_the_registered_objectives():
     from decoders.baselines import load_baselines
 
     assert set(load_baselines(None, ["sentiment", "safety", "relevance", "brevity"])) == set(default_baseline_configs())
-    assert set(load_baselines(None, ["sentiment", "safety"])) == {"positive", "harmless", "warm_harmless"}
+    assert set(load_baselines(None, ["sentiment", "safety"])) == {"sentiment", "safety", "positive", "harmless",
+                                                                  "warm_harmless"}
+    assert set(load_baselines(None, ["sentiment", "safety"], embedded=False)) == {"positive", "harmless",
+                                                                                  "warm_harmless"}
     assert load_baselines(None, ["helpful"]) == {}
     assert load_baselines({}, ["sentiment"]) == {}
     with pytest.raises(ValueError):
@@ -755,7 +761,8 @@ def test_engine_lora_requests_resolve_only_configured_adapters():
         "kind": {"aligned_to": ["sentiment"], "system_prompt": "Be kind."}}})
     adapters = lora_adapters(cfg)
     assert adapters == {"pos": "/adapters/pos", "safe": "/adapters/safe"} and lora_enabled(cfg)
-    assert not lora_enabled(ServerConfig()) and lora_adapters(ServerConfig()) == {}
+    other = ServerConfig(model="/models/other")  # the embedded model has its shipped adapters
+    assert not lora_enabled(other) and lora_adapters(other) == {}
     # what the decoder sends for a lora baseline (decoders.baselines.rollout_extra_params)
     sent = {"n": 1, "max_tokens": 4, "temperature": 0.0,
             **rollout_extra_params("safe", cfg.baselines["safe"])}
@@ -788,7 +795,7 @@ def _method(alignment: dict, *, baselines=None, **sampling):
                                       **sampling})
     ctx = MethodContext(engine=FakeGen(), scorer=sentiment_scorer(), objectives=objectives_for("sentiment", "safety"),
                         limits=LimitsConfig(), stop_token_ids=[EOS],
-                        baselines=default_baseline_configs() if baselines is None else baselines,
+                        baselines=default_baseline_configs(embedded=False) if baselines is None else baselines,
                         render_chat=lambda msgs: list(CONTEXT))
     return registry.get(params.method)(params, request, ctx)
 
@@ -868,3 +875,22 @@ def test_rollouts_never_pass_the_engine_context():
     with pytest.raises(ParamError) as ei:
         run(m.prepare())
     assert ei.value.param == "max_tokens" and ei.value.code == "context_length_exceeded"
+
+
+def test_selection_log_ratio_is_the_steps_kl_term():
+    from decoders.transfer_q import selection_log_ratio
+
+    base = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    z = 0.5 + 0.3 * math.e + 0.2
+    # temperature 1: alpha*Q(chosen) - log E_base[exp(alpha*Q)]
+    assert selection_log_ratio(base, [0.0, 1.0, 0.0], 1.0, 1.0, 1) == pytest.approx(1.0 - math.log(z))
+    assert selection_log_ratio(base, [0.0, 1.0, 0.0], 1.0, 1.0, 0) == pytest.approx(-math.log(z))
+    assert selection_log_ratio(base, None, 0.0, 1.0, 2) == pytest.approx(0.0)           # base sampling
+    assert selection_log_ratio([0.0, 0.0], [0.0, 0.0], 3.0, 1.0, 0) == pytest.approx(0.0)
+    # unnormalized base terms (log counts of sampled blocks) are normalized
+    assert selection_log_ratio([math.log(3), math.log(1)], None, 0.0, 1.0, 0) == pytest.approx(0.0)
+    # greedy: a point mass at the chosen candidate
+    assert selection_log_ratio(base, [0.0, 1.0, 0.0], 1.0, 0.0, 1) == pytest.approx(-math.log(0.3))
+    # its expectation under the selection distribution is a KL: >= 0
+    p = [0.5 / z, 0.3 * math.e / z, 0.2 / z]
+    assert sum(pi * selection_log_ratio(base, [0.0, 1.0, 0.0], 1.0, 1.0, i) for i, pi in enumerate(p)) > 0
