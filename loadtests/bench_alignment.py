@@ -8,11 +8,17 @@ to train the value models). Requests run one at a time so latencies compare. Pri
   1. best-of-N for N in 1, 4, 8, 16, plain and with early pruning, over a mixture of the four
      default objectives (mean mixed and per-objective rewards);
   2. none, VAS (beta sweep), best-of-N, ARGS and Transfer Q* (block 1 and the default block) with
-     weights {"sentiment": 1}, latency as a multiple of plain sampling and the tokens each spent.
+     weights {"sentiment": 1}, latency as a multiple of plain sampling and the tokens each spent;
+  3. (``baselines``) Transfer Q* with the DPO LoRA baselines, as the paper measures it, target
+     {"sentiment": 1}: base; each adapter decoding alone (``model`` = the adapter); ARGS; Transfer Q*
+     direct (the sentiment adapter) and indirect (the safety adapter, importance-weighted) at block
+     1, 4 and 16 with equal top_k; mean reward with its standard error, KL to the base, latency.
+``--tables`` picks which (default all: bon,methods,baselines).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import statistics
 import sys
@@ -46,7 +52,7 @@ def ask(client: httpx.Client, url: str, model: str, prompt: str, alignment: dict
             "base_tokens": cost.get("base_tokens", body["usage"]["completion_tokens"]),
             "rollout_tokens": cost.get("rollout_tokens", 0), "candidates": cost.get("candidates", 0),
             "value_model_s": timing.get("value_model_s", 0.0), "value_model_steps": cost.get("value_model_steps", 0),
-            "kl": choice.get("kl_estimate")}
+            "kl": choice.get("kl_estimate"), "text": body["choices"][0]["message"]["content"]}
 
 
 def run(client, url, model, prompts, alignment, max_tokens) -> dict:
@@ -76,8 +82,11 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8198)
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--skip", default="", help="comma-separated table names to skip: bon,methods")
+    ap.add_argument("--skip", default="", help="comma-separated table names to skip: bon,methods,baselines")
+    ap.add_argument("--tables", default="bon,methods,baselines", help="comma-separated tables to run")
+    ap.add_argument("--blocks", default="1,4,16", help="block sizes of the baselines table's searches")
     args = ap.parse_args(argv)
+    tables = [t for t in args.tables.split(",") if t and t not in args.skip.split(",")]
     prompts = heldout_prompts("rotten_tomatoes", limit=args.prompts)
     proc = None
     url = args.url
@@ -90,10 +99,13 @@ def main(argv=None) -> int:
             none = run(client, url, model, prompts, {"method": "none", "weights": WEIGHTS}, args.max_tokens)
             print(f"{len(prompts)} held-out rotten_tomatoes prompts, {args.max_tokens} tokens, temperature 1, "
                   f"sequential requests; plain sampling: {none['latency']:.2f}s mean latency\n", flush=True)
-            if "bon" not in args.skip:
+            if "bon" in tables:
                 table_best_of_n(client, url, model, prompts, args.max_tokens)
-            if "methods" not in args.skip:
+            if "methods" in tables:
                 table_methods(client, url, model, prompts, args.max_tokens, none)
+            if "baselines" in tables:
+                table_baselines(client, url, model, prompts, args.max_tokens, none,
+                                [int(b) for b in args.blocks.split(",") if b])
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -143,6 +155,72 @@ def table_methods(client, url, model, prompts, max_tokens, none) -> None:
               f"{r['latency'] / none['latency']:.2f} | {r['base_tokens']:.0f} | {r['rollout_tokens']:.0f} | {vm} | {kl} |",
               flush=True)
     print()
+
+
+def answer_logprob(client, url: str, model: str, prompt_text: str, answer: str) -> float:
+    """log p_model(answer | chat-rendered prompt): the echoed log-probs of the answer's tokens."""
+    r = client.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt_text + answer, "max_tokens": 0,
+                                                   "echo": True, "logprobs": 1})
+    r.raise_for_status()
+    lp = r.json()["choices"][0]["logprobs"]
+    return sum(x for off, x in zip(lp["text_offset"], lp["token_logprobs"]) if off >= len(prompt_text) and x is not None)
+
+
+def table_baselines(client, url, model, prompts, max_tokens, none, blocks=(1, 4, 16)) -> None:
+    """Transfer Q* with trained (DPO LoRA) baselines against ARGS and the baselines alone."""
+    from transformers import AutoTokenizer
+
+    from decoders.base_model import materialize_embedded
+
+    tok = AutoTokenizer.from_pretrained(str(materialize_embedded()))
+    rendered = {p: tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts}
+    served = [m["id"] for m in client.get(f"{url}/v1/models").json()["data"]]
+    adapters = [m for m in served[1:] if m.startswith(f"{model}-")]
+    search = {"top_k": 4, "rollout_tokens": 16}
+    configs: list[tuple[str, str, dict]] = [("base (plain sampling)", model, {"method": "none"})]
+    configs += [(f"adapter `{a.removeprefix(model + '-')}` alone", a, {"method": "none"}) for a in adapters]
+    for block in blocks:
+        configs += [(f"ARGS k=4 block={block}", model, {"method": "args", "top_k": 4, "block": block}),
+                    (f"Transfer Q* direct (sentiment adapter) block={block}", model,
+                     {"method": "transfer_q", "block": block, "baseline": "sentiment", **search}),
+                    (f"Transfer Q* indirect (safety adapter) block={block}", model,
+                     {"method": "transfer_q", "block": block, "baseline": "safety", "transfer": "indirect", **search})]
+    # Where block-level Transfer Q* stands against its causes: a prompted baseline instead of the
+    # trained one, and a stronger tilt (alpha 4) for both searches.
+    configs += [("Transfer Q* direct (prompted `positive` baseline) block=4", model,
+                 {"method": "transfer_q", "block": 4, "baseline": "positive", **search}),
+                ("ARGS k=4 block=4 alpha=4", model, {"method": "args", "top_k": 4, "block": 4, "alpha": 4.0}),
+                ("Transfer Q* direct (sentiment adapter) block=4 alpha=4", model,
+                 {"method": "transfer_q", "block": 4, "baseline": "sentiment", "alpha": 4.0, **search})]
+    print(f"Transfer Q* with DPO LoRA baselines, weights {WEIGHTS}, alpha 1, rollout 16 tokens, "
+          f"{len(prompts)} held-out prompts (mean ± standard error):\n")
+    print("| row | sentiment | KL to base (nats) | latency s | × plain | rollout tokens |")
+    print("|---|---|---|---|---|---|")
+    for name, m, a in configs:
+        rows = [ask(client, url, m, p, {**a, "weights": WEIGHTS}, max_tokens, seed=100 + i)
+                for i, p in enumerate(prompts)]
+        errors = [r["error"] for r in rows if "error" in r]
+        if errors:
+            print(f"| {name} | skipped: {errors[0]} | | | | |", flush=True)
+            continue
+        if m != model:  # an adapter decoding alone: log p_adapter - log p_base of its own samples
+            kls = [answer_logprob(client, url, m, rendered[p], r["text"]) -
+                   answer_logprob(client, url, model, rendered[p], r["text"]) for p, r in zip(prompts, rows)]
+        elif a["method"] == "none":
+            kls = [0.0] * len(rows)
+        else:
+            kls = [r["kl"] for r in rows if r["kl"] is not None]
+        sent = [r["rewards"]["sentiment"] for r in rows]
+        latency = statistics.mean(r["latency"] for r in rows)
+        kl = f"{statistics.mean(kls):.1f} ± {se(kls):.1f}" if kls else "—"
+        print(f"| {name} | {statistics.mean(sent):.3f} ± {se(sent):.3f} | {kl} | {latency:.2f} | "
+              f"{latency / none['latency']:.2f} | {statistics.mean(r['rollout_tokens'] for r in rows):.0f} |", flush=True)
+    print()
+
+
+def se(xs) -> float:
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ async def bare_client(max_tokens: int):
     from server.config import ServerConfig
     from server.engine import Engine
 
-    engine = Engine(ServerConfig(), enable_vas=False)
+    # Bare vLLM: the model alone, without the features the server adds (VAS logits processor, LoRA
+    # for the Transfer Q* baselines), so their cost shows in the ratio.
+    engine = Engine(ServerConfig.model_validate({"engine": {"enable_lora": False}}), enable_vas=False)
     await engine.warm_up()
     tok = engine.tokenizer
 
