@@ -14,9 +14,11 @@ MSG = [{"role": "user", "content": "Name three colors."}]
 def test_models_and_health(server, client, model_name):
     assert httpx.get(f"{server.url}/health").status_code == 200
     models = client.models.list().data
-    assert [m.id for m in models] == [model_name] == ["SmolLM2-135M-Instruct"]
+    # The base model first, then its LoRA adapters (tests/test_lora_baselines.py decodes with them).
+    assert [m.id for m in models] == [model_name, f"{model_name}-safety", f"{model_name}-sentiment"]
+    assert model_name == "SmolLM2-135M-Instruct"
     # `root` is the served name, never the local cache path; one model can be retrieved by id.
-    assert models[0].model_extra["root"] == model_name
+    assert [m.model_extra["root"] for m in models] == [m.id for m in models]
     assert client.models.retrieve(model_name).id == model_name
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4o")

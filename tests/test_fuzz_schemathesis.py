@@ -97,6 +97,10 @@ def _repair(body: dict) -> None:
         body["logprobs"] = True
     if body.get("temperature") == 0 and isinstance(body.get("n"), int) and body["n"] > 1:
         body["n"] = 1
+    if body.get("prompt") in ("", [], [[]]):
+        # An empty prompt is a 400 before any method runs; with few examples of a method, one such
+        # example can leave the method unreached (seen for transfer_q once the schema listed more baselines).
+        body["prompt"] = "Hello"
     for key in ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "best_of", "suffix"):
         body.pop(key, None)
     if isinstance(body.get("response_format"), dict):

@@ -718,7 +718,9 @@ def test_models_hide_the_local_path_and_can_be_retrieved_one_by_one():
 
     ing = _ingress()
     listed = asyncio.run(ing.models(_request())).data
-    assert [(m.id, m.root) for m in listed] == [(MODEL, MODEL)]
+    # the base model, then its LoRA adapters (ids, never paths, as root)
+    assert [(m.id, m.root, m.parent) for m in listed] == [(MODEL, MODEL, None)] + [
+        (f"{MODEL}-{a}", f"{MODEL}-{a}", MODEL) for a in ("safety", "sentiment")]
     card = asyncio.run(ing.model(MODEL, _request()))
     assert card.id == MODEL and card.root == MODEL and card.object == "model"
     with pytest.raises(NotFound) as e:
