@@ -294,20 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     random.seed(args.seed)
     from decoders.prompts import heldout_prompts, training_prompts
-    from decoders.rewards import build_objectives
-    from decoders.train_value import chat_prompt_ids, sample_responses, score_samples
+    from decoders.train_value import chat_prompt_ids, objective_and_base, sample_responses, score_samples
 
-    objectives = build_objectives()
-    if args.objective not in objectives:
-        print(f"unknown objective {args.objective!r}; known: {', '.join(sorted(objectives))}", file=sys.stderr)
+    objective, base_dir = objective_and_base(args.objective, args.base)
+    if objective is None:
         return 2
-    objective = objectives[args.objective]
-    if args.base is None:
-        from decoders.base_model import materialize_embedded
-
-        base_dir = str(materialize_embedded())
-    else:
-        base_dir = args.base
     out = Path(args.out)
     wall: dict[str, float] = {}
     t_all = t0 = time.perf_counter()

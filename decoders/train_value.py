@@ -312,25 +312,31 @@ def training_meta(args: argparse.Namespace, argv: list[str] | None, samples: lis
     }
 
 
+def objective_and_base(name: str, base: str | None) -> tuple[Any, str]:
+    """(the registered objective ``name``, or None after printing the known ones; the base model dir:
+    ``base`` or the embedded default, materialized)."""
+    from decoders.rewards import build_objectives
+
+    objectives = build_objectives()
+    if name not in objectives:
+        print(f"unknown objective {name!r}; known: {', '.join(sorted(objectives))}", file=sys.stderr)
+        return None, ""
+    if base is None:
+        from decoders.base_model import materialize_embedded
+
+        base = str(materialize_embedded())
+    return objectives[name], base
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_all = time.perf_counter()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    from decoders.rewards import build_objectives
-
-    objectives = build_objectives()
-    if args.objective not in objectives:
-        print(f"unknown objective {args.objective!r}; known: {', '.join(sorted(objectives))}", file=sys.stderr)
+    objective, base_dir = objective_and_base(args.objective, args.base)
+    if objective is None:
         return 2
-    objective = objectives[args.objective]
-    if args.base is None:
-        from decoders.base_model import materialize_embedded
-
-        base_dir = str(materialize_embedded())
-    else:
-        base_dir = args.base
     wall: dict[str, float] = {}
 
     t0 = time.perf_counter()
