@@ -148,7 +148,7 @@ def evaluate(base_dir: str, adapter: Path, objective, prompts: list[str], max_to
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from decoders.train_value import chat_prompt_ids
+    from decoders.train_value import chat_prompt_ids, close_llm
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     ids = [chat_prompt_ids(tok, p) for p in prompts]
@@ -166,12 +166,8 @@ def evaluate(base_dir: str, adapter: Path, objective, prompts: list[str], max_to
         base_lp = llm.generate([{"prompt_token_ids": s} for s in scored],
                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True)
     finally:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001 - best effort, the process exits soon anyway
-            pass
+        close_llm(llm)
         del llm
-        gc.collect()
     kls = []
     for p, o, b in zip(ids, ad_out, base_lp):
         c = o.outputs[0]

@@ -50,6 +50,15 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def close_llm(llm) -> None:
+    """Stop an offline ``vllm.LLM``'s engine processes now (the CLIs go on to train on the same cores)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort, the process exits soon anyway
+        pass
+    gc.collect()
+
+
 def sample_responses(base_dir: str, prompts: list[str], prompt_ids: list[list[int]], per_prompt: int,
                      max_tokens: int, seed: int, max_num_seqs: int = 128) -> list[dict[str, Any]]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -63,12 +72,8 @@ def sample_responses(base_dir: str, prompts: list[str], prompt_ids: list[list[in
         params = SamplingParams(n=per_prompt, max_tokens=max_tokens, temperature=1.0)
         outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=True)
     finally:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001 - best effort, the process exits soon anyway
-            pass
+        close_llm(llm)
         del llm
-        gc.collect()
     samples = []
     for i, out in enumerate(outs):
         for c in sorted(out.outputs, key=lambda c: c.index):
