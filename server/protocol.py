@@ -633,7 +633,10 @@ _LIMITED = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "
 
 def with_registered_names(schema: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI schema with each method's ``weights`` / ``caps`` keys and ``baseline`` limited to
-    the registered names, and the server's configured ranges as maxima (in place; returns it)."""
+    the registered names, the server's configured ranges as maxima, caps within the mixture's range and
+    ``method`` required where it is not the default (in place; returns it)."""
+    from decoders.rewards import MAX_CAP
+
     objectives, baselines, limits = _REGISTERED["objectives"], _REGISTERED["baselines"], _REGISTERED["limits"]
     for name, comp in schema.get("components", {}).get("schemas", {}).items():
         props = comp.get("properties", {})
@@ -645,13 +648,17 @@ def with_registered_names(schema: dict[str, Any]) -> dict[str, Any]:
                 _bound(props["n"], limits.max_best_of_n if "method" in props else limits.max_n)
         if "method" not in props:
             continue
+        if props["method"].get("const") != _method_of({}):
+            # Without `method` an object is the default method's, so the others' objects must name theirs.
+            comp["required"] = ["method", *[r for r in comp.get("required", []) if r != "method"]]
         weight = {"type": "number", "minimum": 0, **({"maximum": limits.max_weight} if limits else {})}
         if "weights" in props and objectives:
             props["weights"]["anyOf"] = [{"type": "object", "propertyNames": {"enum": objectives},
                                           "additionalProperties": weight}, {"type": "null"}]
         if "caps" in props and objectives:
             props["caps"]["anyOf"] = [{"type": "object", "propertyNames": {"enum": objectives},
-                                       "additionalProperties": {"type": "number"}}, {"type": "null"}]
+                                       "additionalProperties": {"type": "number", "minimum": -MAX_CAP,
+                                                                "maximum": MAX_CAP}}, {"type": "null"}]
         if "baseline" in props and baselines:
             props["baseline"]["anyOf"] = [{"type": "string", "enum": baselines}, {"type": "null"}]
     return schema

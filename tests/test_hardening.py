@@ -1005,8 +1005,13 @@ def test_openapi_schema_is_served_and_describes_the_bodies(server):
     for ref in variants:
         params = schemas[ref["$ref"].split("/")[-1]]
         assert params.get("additionalProperties") is False
-        consts.add(params["properties"]["method"]["const"])
+        const = params["properties"]["method"]["const"]
+        consts.add(const)
+        # An object without `method` is the plain method's: every other method's object must name it.
+        assert ("method" in params.get("required", [])) == (const != "none"), const
     assert consts == set(registry.methods())
+    caps = next(v for v in schemas["BestOfNParams"]["properties"]["caps"]["anyOf"] if v.get("type") == "object")
+    assert caps["additionalProperties"]["maximum"] == 1e6  # the mixture refuses larger caps
     assert set(schemas["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
     assert not any(p.startswith("/admin") for p in spec["paths"])
 
