@@ -13,7 +13,8 @@ to train the value models). Requests run one at a time so latencies compare. Pri
      {"sentiment": 1}: base; each adapter decoding alone (``model`` = the adapter); ARGS; Transfer Q*
      direct (the sentiment adapter) and indirect (the safety adapter, importance-weighted) at block
      1, 4 and 16 with equal top_k; mean reward with its standard error, KL to the base, latency.
-``--tables`` picks which (default all: bon,methods,baselines).
+``--tables`` picks which (default all: bon,methods,baselines); ``--blocks`` and ``--rows`` pick the
+baselines table's rows.
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated table names to skip: bon,methods,baselines")
     ap.add_argument("--tables", default="bon,methods,baselines", help="comma-separated tables to run")
     ap.add_argument("--blocks", default="1,4,16", help="block sizes of the baselines table's searches")
+    ap.add_argument("--rows", default="", help="comma-separated: run only the baselines table's rows whose "
+                                                 "name contains one of these (e.g. 'alpha=4,block=1')")
     args = ap.parse_args(argv)
     tables = [t for t in args.tables.split(",") if t and t not in args.skip.split(",")]
     prompts = heldout_prompts("rotten_tomatoes", limit=args.prompts)
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
                 table_methods(client, url, model, prompts, args.max_tokens, none)
             if "baselines" in tables:
                 table_baselines(client, url, model, prompts, args.max_tokens, none,
-                                [int(b) for b in args.blocks.split(",") if b])
+                                [int(b) for b in args.blocks.split(",") if b], [r for r in args.rows.split(",") if r])
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -166,7 +169,7 @@ def answer_logprob(client, url: str, model: str, prompt_text: str, answer: str) 
     return sum(x for off, x in zip(lp["text_offset"], lp["token_logprobs"]) if off >= len(prompt_text) and x is not None)
 
 
-def table_baselines(client, url, model, prompts, max_tokens, none, blocks=(1, 4, 16)) -> None:
+def table_baselines(client, url, model, prompts, max_tokens, none, blocks=(1, 4, 16), only=()) -> None:
     """Transfer Q* with trained (DPO LoRA) baselines against ARGS and the baselines alone."""
     from transformers import AutoTokenizer
 
@@ -193,6 +196,8 @@ def table_baselines(client, url, model, prompts, max_tokens, none, blocks=(1, 4,
                 ("ARGS k=4 block=4 alpha=4", model, {"method": "args", "top_k": 4, "block": 4, "alpha": 4.0}),
                 ("Transfer Q* direct (sentiment adapter) block=4 alpha=4", model,
                  {"method": "transfer_q", "block": 4, "baseline": "sentiment", "alpha": 4.0, **search})]
+    if only:
+        configs = [c for c in configs if any(o in c[0] for o in only)]
     print(f"Transfer Q* with DPO LoRA baselines, weights {WEIGHTS}, alpha 1, rollout 16 tokens, "
           f"{len(prompts)} held-out prompts (mean ± standard error):\n")
     print("| row | sentiment | KL to base (nats) | latency s | × plain | rollout tokens |")
