@@ -26,6 +26,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
 
 from decoders import registry
 from decoders.base import Bool, Float, Int, MethodParams, ParamError, Receipt, Text, TokenLogprob, finite, int_in
+from decoders.rewards import MAX_CAP
 from server.config import LimitsConfig
 
 # ----------------------------------------------------------------------------- alignment
@@ -635,8 +636,6 @@ def with_registered_names(schema: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI schema with each method's ``weights`` / ``caps`` keys and ``baseline`` limited to
     the registered names, the server's configured ranges as maxima, caps within the mixture's range and
     ``method`` required where it is not the default (in place; returns it)."""
-    from decoders.rewards import MAX_CAP
-
     objectives, baselines, limits = _REGISTERED["objectives"], _REGISTERED["baselines"], _REGISTERED["limits"]
     for name, comp in schema.get("components", {}).get("schemas", {}).items():
         props = comp.get("properties", {})

@@ -66,8 +66,6 @@ def _restart_methods() -> None:
 
 def _next_method() -> str:
     """Bodies without `alignment` take the registered methods in turn, so every method is reached."""
-    if _METHODS is None:
-        _restart_methods()
     return next(_METHODS)
 
 
