@@ -56,6 +56,24 @@ def engine_processes(root_pid: int) -> dict[int, int]:
     return out
 
 
+def wait_for_engine_processes(root_pid: int, count: int, timeout_s: float = 60) -> dict[int, int]:
+    """``engine_processes`` once it finds ``count`` engine cores; with fewer after ``timeout_s``, fails
+    showing the whole process tree (a replica Ray is still starting or restarting, say)."""
+    psutil = _psutil()
+    deadline = time.time() + timeout_s
+    while len(found := engine_processes(root_pid)) < count and time.time() < deadline:
+        time.sleep(1)
+    if len(found) < count:
+        tree = []
+        for p in psutil.Process(root_pid).children(recursive=True):
+            try:
+                tree.append(f"{p.pid} <- {p.ppid()} {p.status()} {' '.join(p.cmdline())[:100]}")
+            except psutil.Error:
+                pass
+        pytest.fail(f"{len(found)} of {count} vLLM engine cores after {timeout_s:.0f} s:\n" + "\n".join(tree))
+    return found
+
+
 def alive(pid: int) -> bool:
     psutil = _psutil()
     try:
@@ -76,7 +94,7 @@ def scaled(tmp_path_factory):
             break
         assert time.time() < deadline, m[-2000:]
         time.sleep(1)
-    srv.engine_cores = engine_processes(srv.proc.pid)
+    srv.engine_cores = wait_for_engine_processes(srv.proc.pid, 2)
     yield srv
     rc = stop_server(srv)
     assert rc == 0, srv.log.read_text()[-3000:]
