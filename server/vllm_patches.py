@@ -9,13 +9,17 @@ left untouched (nothing is patched unless the CPU punica wrapper is what vLLM wo
    -1, and the torch ops index the stacked adapter weights with it, i.e. take the LAST adapter slot.
    When every slot holds an adapter (``max_loras`` adapters active in one batch: Transfer Q*
    rollouts next to base-model requests), base-model tokens were computed with that adapter
-   (tests/test_lora_baselines.py shows it on the engine). Here rows with index -1 get no LoRA delta,
-   and a batch without any adapter skips the LoRA math (its speed-up is not established: base-only
-   decoding with LoRA enabled measured 0.75-0.97x of LoRA off, patched and unpatched within noise).
+   (tests/test_lora_baselines.py shows it on the engine). Here rows with index -1 get no LoRA delta.
 2. **Prompt log-probs crashed the engine.** ``add_lora_logits`` indexes with one adapter index per
    *sampled* row; prompt log-probs pass every prompt position (einsum size mismatch, engine dead).
    Those rows get the base head's logits (adapters with an ``lm_head`` LoRA would miss its delta in
    prompt log-probs only; the shipped adapters have none).
+
+And one speed-up: **a batch without adapters skips the LoRA layers' work.** With LoRA enabled every
+linear layer calls the wrapper, which allocates buffers and runs a shrink and an expand per output
+slice, even when no request in the batch has an adapter; on a 2-core CPU that made plain decoding
+~10 % slower than with LoRA off (docs/performance.md). The wrapper now notes, whenever vLLM hands it a
+new token-to-adapter mapping, whether any token has an adapter, and returns at once when none has.
 """
 from __future__ import annotations
 
@@ -89,6 +93,29 @@ def _logits_rows_guard(method: Callable[..., Any]) -> Callable[..., Any]:
     return add_lora_logits
 
 
+def _noting_idle(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``update_metadata`` (vLLM calls it when the batch's token-to-adapter mapping changes), noting
+    whether no token and no sampled row of the batch has an adapter (index -1 everywhere)."""
+    def update_metadata(self, *args, **kw):
+        method(self, *args, **kw)
+        self.alignserve_idle = bool((self.token_lora_indices < 0).all() and (self.sampler_indices < 0).all())
+
+    update_metadata.__wrapped__ = method
+    return update_metadata
+
+
+def _skipped_when_idle(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A wrapper op that adds a LoRA delta in place: nothing to add in a batch without adapters."""
+    def op(self, *args, **kw):
+        if getattr(self, "alignserve_idle", False):
+            return None
+        return method(self, *args, **kw)
+
+    op.__name__ = method.__name__
+    op.__wrapped__ = method
+    return op
+
+
 def install() -> None:
     try:
         from vllm.lora.ops.torch_ops import lora_ops
@@ -105,3 +132,6 @@ def install() -> None:
         setattr(punica_cpu, name, fn)    # the CPU wrapper imported them by name
     cls = punica_cpu.PunicaWrapperCPU
     cls.add_lora_logits = _logits_rows_guard(cls.add_lora_logits)
+    cls.update_metadata = _noting_idle(cls.update_metadata)
+    for name in ("add_lora_linear", "add_lora_embedding", "add_lora_logits"):
+        setattr(cls, name, _skipped_when_idle(getattr(cls, name)))

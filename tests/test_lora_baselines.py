@@ -76,6 +76,30 @@ def test_patched_lora_ops_give_rows_without_an_adapter_no_delta():
     assert torch.allclose(y, _reference(x, a, torch.tensor([-1, -1, 1, 1])), atol=1e-5)
 
 
+def test_patched_lora_wrapper_skips_a_batch_without_adapters():
+    """The CPU wrapper adds nothing (and runs no LoRA op) while no token of the batch has an adapter;
+    once a token has one, the delta is added again (server/vllm_patches.py)."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from server import vllm_patches
+
+    vllm_patches.install()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, generator=g)
+    a = (torch.randn(1, 1, 4, 6, generator=g),)      # 1 adapter slot, rank 4, in 6
+    b = (torch.randn(1, 1, 5, 4, generator=g),)      # out 5
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=8, max_batches=4, device="cpu")
+    for index, idle in (((0, 0, 0), True), ((0, 7, 0), False), ((0, 0, 0), True)):
+        wrapper.update_metadata(LoRAMapping(index, index), [7], 1, 100)
+        assert wrapper.alignserve_idle is idle
+        y = torch.ones(3, 5)
+        wrapper.add_lora_linear(y, x, a, b, 1.0, (5,))
+        rows = torch.tensor([i == 7 for i in index])
+        assert torch.equal(y[~rows], torch.ones(int((~rows).sum()), 5))
+        assert torch.allclose(y[rows], 1 + x[rows] @ a[0][0, 0].T @ b[0][0, 0].T, atol=1e-4)
+
+
 # --- the registry --------------------------------------------------------------------------------
 
 def test_shipped_adapters_are_the_default_baselines_of_the_embedded_model():
