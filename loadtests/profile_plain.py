@@ -1,8 +1,8 @@
 """Where a plain request's time and CPU go: the bare engine against our HTTP API, process by process.
 
-    python -m loadtests.profile_plain [--requests 12] [--max-tokens 64] [--py-spy]
+    python -m loadtests.profile_plain [--requests 12] [--concurrency 1] [--max-tokens 64] [--py-spy]
 
-Runs the same requests at concurrency 1 through the bare ``AsyncLLM`` (in this process) and through
+Runs the same requests (``--concurrency`` at a time, default one) through the bare ``AsyncLLM`` (in this process) and through
 ``python -m server.serve`` over HTTP, and prints for each: the latency per request, and the CPU seconds
 per request of every process that used any (the engine's core and worker, Ray's proxy, the ingress
 replica, the engine replica, Ray's own daemons, ...), summed from /proc between the first and the
@@ -22,7 +22,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import httpx
 import psutil
 
 from loadtests import start_server
-from loadtests.bench_serving import bare_client, ours_client, requests_for
+from loadtests.bench_serving import bare_client, drive, ours_client, requests_for
 
 
 def _label(p: psutil.Process) -> str:
@@ -71,21 +70,16 @@ def cpu_delta(before: dict, after: dict, per: int) -> list[tuple[str, float]]:
     return sorted(((k, v) for k, v in by_label.items() if v >= 0.005), key=lambda kv: -kv[1])
 
 
-async def one_at_a_time(one, n: int) -> list[float]:
-    """The latency of each of ``n`` requests sent one after another."""
-    lat = []
-    for prompt, seed in requests_for(n):
-        t0 = time.perf_counter()
-        await one(prompt, seed)
-        lat.append(time.perf_counter() - t0)
-    return lat
+async def latencies(one, n: int, concurrency: int) -> list[float]:
+    """The latency of each of ``n`` requests, ``concurrency`` of them in flight at a time."""
+    return (await drive(one, concurrency, requests_for(n)))[0]
 
 
-async def run_bare(n: int, max_tokens: int) -> tuple[list[float], list]:
+async def run_bare(n: int, max_tokens: int, concurrency: int) -> tuple[list[float], list]:
     one, engine = await bare_client(max_tokens)
     try:
         before = cpu_snapshot()
-        lat = await one_at_a_time(one, n)
+        lat = await latencies(one, n, concurrency)
         return lat, cpu_delta(before, cpu_snapshot(), n)
     finally:
         engine.shutdown()
@@ -117,7 +111,7 @@ def hottest(raw: Path, top: int = 12) -> list[tuple[str, float]]:
     return [(k, v / total) for k, v in sorted(self_time.items(), key=lambda kv: -kv[1])[:top]] if total else []
 
 
-async def run_ours(url: str, n: int, max_tokens: int, spy: bool) -> tuple[list[float], list, dict]:
+async def run_ours(url: str, n: int, max_tokens: int, concurrency: int, spy: bool) -> tuple[list[float], list, dict]:
     async with httpx.AsyncClient(timeout=600) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
         one = ours_client(client, url, model, max_tokens)
@@ -129,7 +123,7 @@ async def run_ours(url: str, n: int, max_tokens: int, spy: bool) -> tuple[list[f
                     if label in ("replica OpenAIIngress", "replica EngineDeployment", "ray::ProxyActor")}
             spies = py_spy(pids, 10_000, out_dir)
         before = cpu_snapshot()
-        lat = await one_at_a_time(one, n)
+        lat = await latencies(one, n, concurrency)
         usage = cpu_delta(before, cpu_snapshot(), n)
         hot = {}
         for p in spies:
@@ -143,23 +137,26 @@ async def run_ours(url: str, n: int, max_tokens: int, spy: bool) -> tuple[list[f
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=8198)
     ap.add_argument("--py-spy", action="store_true", help="sample the ingress, engine replica and proxy")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    bare_lat, bare_cpu = asyncio.run(run_bare(args.requests, args.max_tokens))
+    bare_lat, bare_cpu = asyncio.run(run_bare(args.requests, args.max_tokens, args.concurrency))
     proc, url, cold = start_server(args.port)
     try:
-        ours_lat, ours_cpu, hot = asyncio.run(run_ours(url, args.requests, args.max_tokens, args.py_spy))
+        ours_lat, ours_cpu, hot = asyncio.run(run_ours(url, args.requests, args.max_tokens, args.concurrency,
+                                                          args.py_spy))
     finally:
         import signal
 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
 
-    print(f"\n{args.requests} plain requests one at a time, {args.max_tokens}-token outputs, cores: {os.cpu_count()}")
+    print(f"\n{args.requests} plain requests, {args.concurrency} at a time, {args.max_tokens}-token outputs, "
+          f"cores: {os.cpu_count()}")
     print(f"latency p50: bare {statistics.median(bare_lat):.3f}s, ours {statistics.median(ours_lat):.3f}s "
           f"(+{statistics.median(ours_lat) - statistics.median(bare_lat):.3f}s)\n")
     for title, usage in (("bare engine", bare_cpu), ("ours (HTTP -> proxy -> ingress -> engine replica)", ours_cpu)):
