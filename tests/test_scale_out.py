@@ -216,12 +216,17 @@ def test_the_budget_is_the_engines_across_both_ingress_replicas(scaled):
 
 def test_a_killed_engine_replica_leaves_no_engine_process(scaled):
     """SIGKILL to an engine replica's process (what `ray stop --force`, an OOM kill or a lost node do):
-    its vLLM engine core dies with it (server/process_guard.py), not minutes later."""
+    its vLLM engine core dies with it (server/process_guard.py), not minutes later, and the worker
+    with the engine core."""
+    psutil = _psutil()
     cores = engine_processes(scaled.proc.pid)
     core, replica_pid = next(iter(cores.items()))
+    workers = [p.pid for p in psutil.Process(core).children() if "Worker" in p.name()]
+    assert workers
     os.kill(replica_pid, signal.SIGKILL)
     deadline = time.time() + 10
-    while alive(core) and time.time() < deadline:
+    while any(alive(pid) for pid in [core, *workers]) and time.time() < deadline:
         time.sleep(0.2)
     assert not alive(core), f"engine core {core} outlived its replica {replica_pid}"
+    assert not [pid for pid in workers if alive(pid)], "a vLLM worker outlived its engine core"
     scaled.engine_cores = {**scaled.engine_cores, **engine_processes(scaled.proc.pid)}
