@@ -1,4 +1,4 @@
-"""Two fixes to vLLM's CPU LoRA kernels (vLLM 0.32), applied in every vLLM process.
+"""Two fixes to vLLM's CPU LoRA kernels (vLLM 0.32) and one speed-up, applied in every vLLM process.
 
 A vLLM general plugin (entry point ``vllm.general_plugins`` in pyproject.toml), like
 server/process_guard.py. Both bugs are in the PyTorch-native LoRA ops that the CPU backend uses
