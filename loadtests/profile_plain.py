@@ -6,10 +6,11 @@ Runs the same requests (``--concurrency`` at a time, default one) through the ba
 this process) and through ``python -m server.serve`` over HTTP, and prints for each: the latency per
 request, and the CPU seconds per request of every process that used any (the engine's core and
 worker, Ray's proxy, the ingress replica, the engine replica, Ray's own daemons, ...), summed from
-/proc between the first and the last request. On a machine with few cores, CPU that another process burns is latency the engine
-loses. ``--py-spy`` also samples the ingress and engine replicas with py-spy during the HTTP run and
-prints their hottest functions: samples of the thread holding the GIL only, so waiting threads do
-not count, and the sampling itself costs CPU (its latency figures are not the benchmark's).
+/proc between the first and the last request. On a machine with few cores, CPU that another process
+burns is latency the engine loses. ``--py-spy`` also samples the ingress and engine replicas with
+py-spy during the HTTP run and prints their hottest functions: samples of the thread holding the GIL
+only, so waiting threads do not count, and the sampling itself costs CPU (its latency figures are not
+the benchmark's).
 docs/performance.md has a run of it.
 """
 from __future__ import annotations

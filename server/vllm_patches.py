@@ -107,7 +107,7 @@ def _noting_idle(method: Callable[..., Any]) -> Callable[..., Any]:
 def _skipped_when_idle(method: Callable[..., Any]) -> Callable[..., Any]:
     """A wrapper op that adds a LoRA delta in place: nothing to add in a batch without adapters."""
     def op(self, *args, **kw):
-        if getattr(self, "alignserve_idle", False):
+        if self.alignserve_idle:
             return None
         return method(self, *args, **kw)
 
@@ -132,6 +132,7 @@ def install() -> None:
         setattr(punica_cpu, name, fn)    # the CPU wrapper imported them by name
     cls = punica_cpu.PunicaWrapperCPU
     cls.add_lora_logits = _logits_rows_guard(cls.add_lora_logits)
+    cls.alignserve_idle = False  # until vLLM hands the wrapper its first mapping
     cls.update_metadata = _noting_idle(cls.update_metadata)
     for name in ("add_lora_linear", "add_lora_embedding", "add_lora_logits"):
         setattr(cls, name, _skipped_when_idle(getattr(cls, name)))

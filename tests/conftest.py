@@ -84,6 +84,19 @@ def start_server(tmp_dir: Path, config_path: Path | None = None, env: dict | Non
     raise RuntimeError(f"server not ready in {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
 
 
+def process_tree(root_pid: int) -> str:
+    """``pid <- parent: command line`` of every process under ``root_pid``, for a failure message."""
+    import psutil
+
+    lines = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            lines.append(f"{p.pid} <- {p.ppid()}: {' '.join(p.cmdline())[:100] or p.name()}")
+        except psutil.Error:
+            pass
+    return "\n".join(lines)
+
+
 def stop_server(server: RunningServer) -> int:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)

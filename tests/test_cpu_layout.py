@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import process_tree
 from server.cpu_layout import reserve_worker_cores
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -39,15 +40,6 @@ ROOT = textwrap.dedent("""
     print(" ".join(str(k.pid) for k in kids), flush=True)
     time.sleep(60)
 """)
-
-
-def _name(p) -> str:
-    import psutil
-
-    try:
-        return " ".join(p.cmdline())[:100] or p.name()
-    except psutil.Error as e:
-        return type(e).__name__
 
 
 def _affinities(pid: int) -> list[set[int]]:
@@ -98,12 +90,12 @@ def test_served_engine_worker_has_its_core_to_itself(server):
     deadline = time.time() + 60
     while True:  # the engine replica's worker (a replica Ray is restarting has none for a while)
         procs = psutil.Process(server.proc.pid).children(recursive=True)
-        names = {p.pid: _name(p) for p in procs}
+        names = {p.pid: p.name() for p in procs}
         workers = [pid for pid, name in names.items() if name.startswith("VLLM::Worker")]
         if workers or time.time() > deadline:
             break
         time.sleep(1)
-    assert workers, "\n".join(f"{pid}: {name}" for pid, name in sorted(names.items()))
+    assert workers, process_tree(server.proc.pid)
     bound = set().union(*(a for pid in workers for a in _affinities(pid) if a != os.sched_getaffinity(0)))
     if not bound:
         pytest.skip("vLLM did not bind its worker's threads on this machine")

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import start_server, stop_server
+from conftest import process_tree, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -59,18 +59,11 @@ def engine_processes(root_pid: int) -> dict[int, int]:
 def wait_for_engine_processes(root_pid: int, count: int, timeout_s: float = 60) -> dict[int, int]:
     """``engine_processes`` once it finds ``count`` engine cores; with fewer after ``timeout_s``, fails
     showing the whole process tree (a replica Ray is still starting or restarting, say)."""
-    psutil = _psutil()
     deadline = time.time() + timeout_s
     while len(found := engine_processes(root_pid)) < count and time.time() < deadline:
         time.sleep(1)
     if len(found) < count:
-        tree = []
-        for p in psutil.Process(root_pid).children(recursive=True):
-            try:
-                tree.append(f"{p.pid} <- {p.ppid()} {p.status()} {' '.join(p.cmdline())[:100]}")
-            except psutil.Error:
-                pass
-        pytest.fail(f"{len(found)} of {count} vLLM engine cores after {timeout_s:.0f} s:\n" + "\n".join(tree))
+        pytest.fail(f"{len(found)} of {count} vLLM engine cores after {timeout_s:.0f} s:\n{process_tree(root_pid)}")
     return found
 
 
