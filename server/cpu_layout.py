@@ -66,6 +66,29 @@ def _title(proc) -> str:
         return ""
 
 
+def _cmdline(proc) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone
+        return ""
+
+
+def vllm_processes(procs: list) -> tuple[list, list]:
+    """(workers, engine cores) among ``procs`` (psutil processes of one tree). vLLM titles them
+    (``VLLM::Worker``, ``VLLM::EngineCore``), but an engine core and its worker were seen in CI still
+    carrying the spawn command line as their title, so an engine replica's spawned child (not its
+    resource tracker) counts as an engine core and that child's children as its workers."""
+    workers = [p for p in procs if _title(p).startswith(WORKER_TITLES)]
+    engines = [p for p in procs if _title(p).startswith(ENGINE_TITLES)]
+    known = {p.pid for p in workers + engines}
+    for replica in (p for p in procs if "ServeReplica" in _cmdline(p) and "EngineDeployment" in _cmdline(p)):
+        for core in replica.children():
+            if "multiprocessing.spawn" in _cmdline(core) and core.pid not in known:
+                engines.append(core)
+                workers += [w for w in core.children() if w.pid not in known]
+    return workers, engines
+
+
 def reserve_worker_cores(root_pid: int | None = None, quiet: bool = False) -> dict[str, object] | None:
     """Pin every thread of ``root_pid``'s descendants (default: this process, the Ray driver that
     started the session) except vLLM's workers and engine cores to the cores no worker is bound to.
@@ -86,7 +109,7 @@ def _reserve(root_pid: int, quiet: bool) -> dict[str, object] | None:
     allowed = session_cpus()
     root = psutil.Process(root_pid)
     procs = [root] + root.children(recursive=True)
-    workers = [p for p in procs if _title(p).startswith(WORKER_TITLES)]
+    workers, engines = vllm_processes(procs)
     if not workers:
         return None
     worker_cores: set[int] = set()
@@ -102,8 +125,9 @@ def _reserve(root_pid: int, quiet: bool) -> dict[str, object] | None:
     if not worker_cores or not serving:
         return None
     moved = 0
+    vllm = {p.pid for p in workers + engines}
     for p in procs:
-        if _title(p).startswith(WORKER_TITLES + ENGINE_TITLES):
+        if p.pid in vllm:
             continue
         for tid in _threads(p.pid):
             try:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import process_tree
-from server.cpu_layout import reserve_worker_cores
+from server.cpu_layout import reserve_worker_cores, vllm_processes
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                                 reason="needs Linux and at least two cores")
@@ -90,8 +90,7 @@ def test_served_engine_worker_has_its_core_to_itself(server):
     deadline = time.time() + 60
     while True:  # the engine replica's worker (a replica Ray is restarting has none for a while)
         procs = psutil.Process(server.proc.pid).children(recursive=True)
-        names = {p.pid: p.name() for p in procs}
-        workers = [pid for pid, name in names.items() if name.startswith("VLLM::Worker")]
+        workers = [p.pid for p in vllm_processes(procs)[0]]
         if workers or time.time() > deadline:
             break
         time.sleep(1)

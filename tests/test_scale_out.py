@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import process_tree, start_server, stop_server
+from server.cpu_layout import vllm_processes
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +48,9 @@ def engine_processes(root_pid: int) -> dict[int, int]:
     """{vLLM engine-core pid: its parent (the engine replica's process)} under the server's tree."""
     psutil = _psutil()
     out = {}
-    for p in psutil.Process(root_pid).children(recursive=True):
+    for p in vllm_processes(psutil.Process(root_pid).children(recursive=True))[1]:
         try:
-            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
-                out[p.pid] = p.ppid()
+            out[p.pid] = p.ppid()
         except psutil.Error:
             pass
     return out
@@ -214,7 +214,7 @@ def test_a_killed_engine_replica_leaves_no_engine_process(scaled):
     psutil = _psutil()
     cores = engine_processes(scaled.proc.pid)
     core, replica_pid = next(iter(cores.items()))
-    workers = [p.pid for p in psutil.Process(core).children() if "Worker" in p.name()]
+    workers = [p.pid for p in psutil.Process(core).children() if "resource_tracker" not in " ".join(p.cmdline())]
     assert workers
     os.kill(replica_pid, signal.SIGKILL)
     deadline = time.time() + 10
