@@ -5,8 +5,10 @@
 Starts the real app (``python -m server.serve``, as ``make serve`` does: its cold start is reported),
 then the bare ``AsyncLLM`` in this process (same model, same engine settings, same dtype), and sends
 both the same requests (same prompts, seeds, sampling; ours over HTTP in the official client's wire
-format). Both stay up and take turns, ``--rounds`` rounds per concurrency level in alternating order,
-so that drift of a shared machine falls on both alike. Same seeds give the same outputs, so both do
+format). On CPU a third side is the bare engine in vLLM's own process layout (a worker process;
+the server runs the worker inside the engine core, engine.cpu_one_process). All stay up and take
+turns, ``--rounds`` rounds per concurrency level, each side first in turn, so that drift of a shared
+machine falls on all alike. Same seeds give the same outputs, so both do
 the same work. Prints the machine (CPU model, flags), the dtype, requests/s, output tokens/s,
 p50/p95 latency per concurrency and the ratios ours/bare.
 """
@@ -64,8 +66,9 @@ async def drive(one, concurrency: int, work: list[tuple[str, int]]) -> tuple[lis
     return lat, toks, time.perf_counter() - t0
 
 
-async def bare_client(max_tokens: int):
-    """The bare engine in this process: (one(prompt, seed) -> output tokens, the engine)."""
+async def bare_client(max_tokens: int, one_process: bool = True):
+    """The bare engine in this process: (one(prompt, seed) -> output tokens, the engine).
+    ``one_process=False``: in vLLM's own process layout on CPU (engine.cpu_one_process)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -74,7 +77,8 @@ async def bare_client(max_tokens: int):
 
     # Bare vLLM: the model alone, without the features the server adds (VAS logits processor, LoRA
     # for the Transfer Q* baselines), so their cost shows in the ratio.
-    engine = Engine(ServerConfig.model_validate({"engine": {"enable_lora": False}}), enable_vas=False)
+    engine = Engine(ServerConfig.model_validate({"engine": {"enable_lora": False, "cpu_one_process": one_process}}),
+                    enable_vas=False)
     await engine.warm_up()
     tok = engine.tokenizer
 
@@ -102,23 +106,30 @@ def ours_client(client: httpx.AsyncClient, url: str, model: str, max_tokens: int
 
 
 async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, rounds: int):
-    """{side: {concurrency: summary}} with both sides taking turns, and the engine's dtype."""
+    """{side: {concurrency: summary}} with the sides taking turns, and the engine's dtype. Sides: "bare"
+    (the engine as the server runs it), "ours" (the server), and where the server's engine runs its
+    worker in its engine core (CPU), "vllm" (the bare engine in vLLM's own process layout)."""
     bare, engine = await bare_client(max_tokens)
+    engines = [engine]
     try:
+        sides = {"bare": bare}
+        if engine.one_process:
+            sides["vllm"], other = await bare_client(max_tokens, one_process=False)
+            engines.append(other)
         async with httpx.AsyncClient(timeout=600) as client:
             model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
-            ours = ours_client(client, url, model, max_tokens)
-            await ours("warm up", 1)
-            sides = {"bare": bare, "ours": ours}
-            out: dict[str, dict[int, dict]] = {"bare": {}, "ours": {}}
+            sides["ours"] = ours_client(client, url, model, max_tokens)
+            await sides["ours"]("warm up", 1)
+            names = list(sides)
+            out: dict[str, dict[int, dict]] = {side: {} for side in names}
             for c in levels:
                 # Whole waves of c requests in every round: a half-full last wave would measure the tail.
                 wave = c * rounds
                 work = requests_for(-(-max(per_level, 3 * c) // wave) * wave)
-                acc = {side: ([], 0, 0.0) for side in sides}
+                acc = {side: ([], 0, 0.0) for side in names}
                 for r in range(rounds):
                     part = work[r::rounds]
-                    for side in (("bare", "ours") if r % 2 == 0 else ("ours", "bare")):
+                    for side in names[r % len(names):] + names[:r % len(names)]:  # each side first in turn
                         lat, toks, wall = await drive(sides[side], c, part)
                         a = acc[side]
                         acc[side] = (a[0] + lat, a[1] + toks, a[2] + wall)
@@ -127,7 +138,8 @@ async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, ro
                     print(f"{side:5} c={c:<3} {fmt(out[side][c])}", flush=True)
             return out, engine.dtype
     finally:
-        engine.shutdown()
+        for e in engines:
+            e.shutdown()
 
 
 def fmt(s: dict) -> str:
@@ -168,6 +180,18 @@ def main(argv=None) -> int:
         print(f"| {c} | {b['req_s']:.2f} | {b['tok_s']:.1f} | {b['p50']:.2f} | {b['p95']:.2f} | {o['req_s']:.2f} | "
               f"{o['tok_s']:.1f} | {o['p50']:.2f} | {o['p95']:.2f} | {o['tok_s'] / b['tok_s']:.2f} | "
               f"{o['p50'] / b['p50']:.2f} |")
+    vllm = res.get("vllm")
+    if vllm:
+        print("\nThe bare engine in vLLM's own process layout on CPU (a worker process beside the engine core; "
+              "the server and the bare engine above run the worker inside the engine core, "
+              "engine.cpu_one_process):\n")
+        print("| concurrency | vLLM layout tok/s | vLLM layout p50 s | tok/s ours/vLLM layout | p50 ours/vLLM layout "
+              "| tok/s bare/vLLM layout |")
+        print("|---|---|---|---|---|---|")
+        for c in levels:
+            v, o, b = vllm[c], ours[c], bare[c]
+            print(f"| {c} | {v['tok_s']:.1f} | {v['p50']:.2f} | {o['tok_s'] / v['tok_s']:.2f} | {o['p50'] / v['p50']:.2f} "
+                  f"| {b['tok_s'] / v['tok_s']:.2f} |")
     lo, hi = min(levels), max(levels)
     print(f"\nthroughput scaling c={hi} vs c={lo}: bare {bare[hi]['tok_s'] / bare[lo]['tok_s']:.2f}x, "
           f"ours {ours[hi]['tok_s'] / ours[lo]['tok_s']:.2f}x")

@@ -41,6 +41,10 @@ class EngineConfig(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
     # CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_gib: int = 1
+    # CPU backend: vLLM's worker runs inside its engine-core process, that one process bound to the
+    # worker's cores, instead of a worker process of its own (ready ~12 s sooner on 2 cores, and no
+    # busy-waiting engine core on the serving layer's core; docs/performance.md). False: vLLM's layout.
+    cpu_one_process: bool = True
     # LoRA (for `kind: lora` Transfer Q* baselines, each also served as a model). None: on exactly
     # when a LoRA baseline is registered (the embedded default ships two); False drops the default
     # adapters, and with a LoRA baseline configured is a config error. Adapters are loaded only from

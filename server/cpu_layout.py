@@ -2,6 +2,7 @@
 
 vLLM's CPU backend binds each worker's OpenMP threads to cores of its own and leaves the rest
 (``reserve_cpu_num``, one core per worker on x86) to "the scheduler and the serving framework".
+(With ``engine.cpu_one_process`` the worker runs inside its engine-core process, bound the same way.)
 Ray does not know that: its daemons, the Serve controller and proxy, our ingress, reward and metrics
 replicas float over every core and preempt the worker's threads, so every forward pass waits for them.
 On 2 cores that cost plain requests 10-15 % of their speed (docs/performance.md). After the
@@ -89,6 +90,19 @@ def vllm_processes(procs: list) -> tuple[list, list]:
     return workers, engines
 
 
+def compute_processes(procs: list) -> list:
+    """The vLLM processes among ``procs`` that run a worker's forward passes: its worker processes, and
+    every engine core without worker processes (it runs its worker itself: ``engine.cpu_one_process``)."""
+    workers, engines = vllm_processes(procs)
+    parents = set()
+    for w in workers:
+        try:
+            parents.add(w.ppid())
+        except Exception:  # noqa: BLE001 - gone
+            pass
+    return workers + [e for e in engines if e.pid not in parents]
+
+
 def reserve_worker_cores(root_pid: int | None = None, quiet: bool = False) -> dict[str, object] | None:
     """Pin every thread of ``root_pid``'s descendants (default: this process, the Ray driver that
     started the session) except vLLM's workers and engine cores to the cores no worker is bound to.
@@ -110,10 +124,8 @@ def _reserve(root_pid: int, quiet: bool) -> dict[str, object] | None:
     root = psutil.Process(root_pid)
     procs = [root] + root.children(recursive=True)
     workers, engines = vllm_processes(procs)
-    if not workers:
-        return None
     worker_cores: set[int] = set()
-    for p in workers:
+    for p in compute_processes(procs):
         for tid in _threads(p.pid):
             try:
                 cores = os.sched_getaffinity(tid)

@@ -11,6 +11,7 @@ Chunks and completions are the small dataclasses of decoders/base.py (cheap to p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -163,12 +164,71 @@ async def refusals_as_param_errors(outputs: AsyncIterator[Any]) -> AsyncIterator
         raise ParamError(f"the engine refused the request: {e}") from None
 
 
+def engine_args(config: ServerConfig, model_path: str, dtype: str, on_cpu: bool, one_process: bool):
+    """vLLM's AsyncEngineArgs from the server config (``engine.extra`` last: it overrides)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    e = config.engine
+    return AsyncEngineArgs(**{
+        "model": model_path,
+        "served_model_name": config.model_name,
+        "max_model_len": e.max_model_len,
+        "enforce_eager": e.enforce_eager,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "max_num_seqs": e.max_num_seqs,
+        "dtype": dtype,
+        "seed": e.seed,
+        "max_logprobs": e.max_logprobs,
+        **engine_parallelism(config),
+        **batching_args(config, on_cpu),
+        **lora_args(config),
+        **({"distributed_executor_backend": "uni"} if one_process else {}),
+        **e.extra,
+    })
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set, restored afterwards (vLLM reads some settings from it)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def one_process_on_cpu(config: ServerConfig, on_cpu: bool) -> bool:
+    """Whether the engine runs vLLM's worker inside its engine core (``engine.cpu_one_process``; not
+    with several workers, nor where ``engine.extra`` names vLLM's executor)."""
+    e = config.engine
+    return (on_cpu and e.cpu_one_process and not engine_parallelism(config)
+            and "distributed_executor_backend" not in e.extra)
+
+
+# vLLM's CPU platform turns the uniprocess executor into its multiprocess one unless this is 0 when the
+# config is made ("it is not possible to set the OMP environment correctly"): the engine core is
+# spawned below with the OpenMP settings vLLM gives its worker process, which is what it needs.
+ONE_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def worker_omp_env(vllm_config) -> contextlib.AbstractContextManager:
+    """The OpenMP environment (threads, cores) vLLM would give its worker process (``rank`` 0), for the
+    engine core that runs the worker in-process: OpenMP reads it when the spawned process starts."""
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    return OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0)
+
+
 class Engine:
     """vLLM AsyncLLM behind the interface above; usable without Ray (tests, CLIs, benchmarks)."""
 
     def __init__(self, config: ServerConfig, *, enable_vas: bool = True):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.cpu_kvcache_gib))
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -177,51 +237,44 @@ class Engine:
         self.config = config
         self.model_path = resolve_model(config.model)
         self.stats_dir = Path(tempfile.mkdtemp(prefix="alignserve-vas-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-        e = config.engine
         on_cpu = current_platform.is_cpu()
-        dtype, why = resolve_dtype(e.dtype, on_cpu)
+        dtype, why = resolve_dtype(config.engine.dtype, on_cpu)
         self.lora_adapters = lora_adapters(config)
-        args = AsyncEngineArgs(**{
-            "model": self.model_path,
-            "served_model_name": config.model_name,
-            "max_model_len": e.max_model_len,
-            "enforce_eager": e.enforce_eager,
-            "enable_prefix_caching": e.enable_prefix_caching,
-            "max_num_seqs": e.max_num_seqs,
-            "dtype": dtype,
-            "seed": e.seed,
-            "max_logprobs": e.max_logprobs,
-            **engine_parallelism(config),
-            **batching_args(config, on_cpu),
-            **lora_args(config),
-            **e.extra,
-        })
-        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        self.dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
-        logger.info("engine dtype: %s (%s)", self.dtype, why)
-        self.value_model_objectives: list[str] = []
-        self.model_runner = "V2" if vllm_config.use_v2_model_runner else "V1"
-        if enable_vas:
-            # The processor must implement the interface of the runner vLLM will use: the V2 runner's
-            # loader refuses V1-interface processors (VLLM_USE_V2_MODEL_RUNNER=0|1 forces the runner).
-            processor, self.value_model_objectives = self._vas_processor(config, vllm_config.use_v2_model_runner)
-            if processor is not None:
-                vllm_config.model_config.logits_processors = [processor]
-                logger.info("VAS: value models %s steer through the Model Runner %s logits processor %s",
-                            self.value_model_objectives, self.model_runner, processor.__name__)
-        if on_cpu:
-            restore_cpus()  # a replica started after the serving layer was pinned (server/cpu_layout.py)
-        from server.process_guard import mark_owner
+        self.one_process = one_process_on_cpu(config, on_cpu)
+        with contextlib.ExitStack() as scope:  # environment settings held until the engine core is spawned
+            if self.one_process:
+                scope.enter_context(environ(ONE_PROCESS_ENV))
+            args = engine_args(config, self.model_path, dtype, on_cpu, self.one_process)
+            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            self.dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+            logger.info("engine dtype: %s (%s)", self.dtype, why)
+            self.value_model_objectives: list[str] = []
+            self.model_runner = "V2" if vllm_config.use_v2_model_runner else "V1"
+            if enable_vas:
+                # The processor must implement the interface of the runner vLLM will use: the V2 runner's
+                # loader refuses V1-interface processors (VLLM_USE_V2_MODEL_RUNNER=0|1 forces the runner).
+                processor, self.value_model_objectives = self._vas_processor(config, vllm_config.use_v2_model_runner)
+                if processor is not None:
+                    vllm_config.model_config.logits_processors = [processor]
+                    logger.info("VAS: value models %s steer through the Model Runner %s logits processor %s",
+                                self.value_model_objectives, self.model_runner, processor.__name__)
+            if on_cpu:
+                restore_cpus()  # a replica started after the serving layer was pinned (server/cpu_layout.py)
+            from server.process_guard import mark_owner
 
-        mark_owner()  # the engine core and its workers die with this process (server/process_guard.py)
-        t0 = time.time()
-        self.llm = AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
-                            log_requests=args.enable_log_requests, log_stats=not args.disable_log_stats,
-                            usage_context=UsageContext.ENGINE_CONTEXT)
+            mark_owner()  # the engine core and its workers die with this process (server/process_guard.py)
+            if self.one_process:
+                scope.enter_context(worker_omp_env(vllm_config))
+            t0 = time.time()
+            self.llm = AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
+                                log_requests=args.enable_log_requests, log_stats=not args.disable_log_stats,
+                                usage_context=UsageContext.ENGINE_CONTEXT)
         self.tokenizer = self.llm.tokenizer
-        self.max_model_len = e.max_model_len
-        logger.info("vLLM engine ready in %.1fs: %s (runner %s, %s, value models: %s)", time.time() - t0,
-                    self.model_path, self.model_runner, self.dtype, self.value_model_objectives or "none")
+        self.max_model_len = config.engine.max_model_len
+        logger.info("vLLM engine ready in %.1fs: %s (runner %s, %s, %s, value models: %s)", time.time() - t0,
+                    self.model_path, self.model_runner, self.dtype,
+                    "worker inside the engine-core process" if self.one_process else "vLLM's process layout",
+                    self.value_model_objectives or "none")
 
     def _vas_processor(self, config: ServerConfig, use_v2: bool) -> tuple[type | None, list[str]]:
         from decoders import vas_processor as vas

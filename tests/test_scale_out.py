@@ -209,13 +209,12 @@ def test_the_budget_is_the_engines_across_both_ingress_replicas(scaled):
 
 def test_a_killed_engine_replica_leaves_no_engine_process(scaled):
     """SIGKILL to an engine replica's process (what `ray stop --force`, an OOM kill or a lost node do):
-    its vLLM engine core dies with it (server/process_guard.py), not minutes later, and the worker
-    with the engine core."""
+    its vLLM engine core dies with it (server/process_guard.py), not minutes later, and a worker
+    process (vLLM's layout; by default the engine core runs its worker itself) with the engine core."""
     psutil = _psutil()
     cores = engine_processes(scaled.proc.pid)
     core, replica_pid = next(iter(cores.items()))
     workers = [p.pid for p in psutil.Process(core).children() if "resource_tracker" not in " ".join(p.cmdline())]
-    assert workers
     os.kill(replica_pid, signal.SIGKILL)
     deadline = time.time() + 10
     while any(alive(pid) for pid in [core, *workers]) and time.time() < deadline:
