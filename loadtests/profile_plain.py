@@ -1,6 +1,6 @@
 """Where a plain request's time and CPU go: the bare engine against our HTTP API, process by process.
 
-    python -m loadtests.profile_plain [--requests 12] [--concurrency 1] [--max-tokens 64] [--py-spy]
+    python -m loadtests.profile_plain [--requests 12] [--concurrency 1] [--max-tokens 64] [--py-spy] [--vllm-layout]
 
 Runs the same requests (``--concurrency`` at a time, default one) through the bare ``AsyncLLM`` (in
 this process) and through ``python -m server.serve`` over HTTP, and prints for each: the latency per
@@ -10,8 +10,9 @@ worker, Ray's proxy, the ingress replica, the engine replica, Ray's own daemons,
 burns is latency the engine loses. ``--py-spy`` also samples the ingress and engine replicas with
 py-spy during the HTTP run and prints their hottest functions: samples of the thread holding the GIL
 only, so waiting threads do not count, and the sampling itself costs CPU (its latency figures are not
-the benchmark's).
-docs/performance.md has a run of it.
+the benchmark's). ``--vllm-layout``: both engines in vLLM's own CPU process layout (a worker process
+beside the engine core; ``engine.cpu_one_process: false``).
+docs/performance.md has runs of it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -76,8 +78,8 @@ async def latencies(one, n: int, concurrency: int) -> list[float]:
     return (await drive(one, concurrency, requests_for(n)))[0]
 
 
-async def run_bare(n: int, max_tokens: int, concurrency: int) -> tuple[list[float], list]:
-    one, engine = await bare_client(max_tokens)
+async def run_bare(n: int, max_tokens: int, concurrency: int, one_process: bool) -> tuple[list[float], list]:
+    one, engine = await bare_client(max_tokens, one_process=one_process)
     try:
         before = cpu_snapshot()
         lat = await latencies(one, n, concurrency)
@@ -142,11 +144,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=8198)
     ap.add_argument("--py-spy", action="store_true", help="sample the ingress, engine replica and proxy")
+    ap.add_argument("--vllm-layout", action="store_true", help="engines in vLLM's own CPU process layout")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    bare_lat, bare_cpu = asyncio.run(run_bare(args.requests, args.max_tokens, args.concurrency))
-    proc, url, cold = start_server(args.port)
+    bare_lat, bare_cpu = asyncio.run(run_bare(args.requests, args.max_tokens, args.concurrency,
+                                              one_process=not args.vllm_layout))
+    config = None
+    if args.vllm_layout:
+        config = Path(tempfile.mkdtemp(prefix="profile-plain-")) / "config.yaml"
+        config.write_text("engine:\n  cpu_one_process: false\n")
+    proc, url, cold = start_server(args.port, config)
     try:
         ours_lat, ours_cpu, hot = asyncio.run(run_ours(url, args.requests, args.max_tokens, args.concurrency,
                                                           args.py_spy))
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
         proc.wait(timeout=120)
 
     print(f"\n{args.requests} plain requests, {args.concurrency} at a time, {args.max_tokens}-token outputs, "
-          f"cores: {os.cpu_count()}")
+          f"cores: {os.cpu_count()}, engines in {'vLLM' if args.vllm_layout else 'our one-process'} layout")
     print(f"latency p50: bare {statistics.median(bare_lat):.3f}s, ours {statistics.median(ours_lat):.3f}s "
           f"(+{statistics.median(ours_lat) - statistics.median(bare_lat):.3f}s)\n")
     for title, usage in (("bare engine", bare_cpu), ("ours (HTTP -> proxy -> ingress -> engine replica)", ours_cpu)):
