@@ -20,32 +20,19 @@ from pathlib import Path
 import httpx
 
 from loadtests import machine, start_server
-from loadtests.bench_serving import drive, ours_client, requests_for, summarize
+from loadtests.bench_serving import ours_client, take_turns
 
 LAYOUTS = {"one process": "engine:\n  cpu_one_process: true\n", "vLLM layout": "engine:\n  cpu_one_process: false\n"}
 
 
 async def bench(urls: dict[str, str], levels: list[int], rounds: int, max_tokens: int) -> dict[str, dict[int, dict]]:
-    out: dict[str, dict[int, dict]] = {name: {} for name in urls}
     async with httpx.AsyncClient(timeout=600) as client:
         sides = {}
         for name, url in urls.items():
             model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
             sides[name] = ours_client(client, url, model, max_tokens)
             await sides[name]("warm up", 1)
-        names = list(sides)
-        for c in levels:
-            wave = c * rounds
-            work = requests_for(-(-max(16, 3 * c) // wave) * wave)  # whole waves in every round
-            acc = {name: ([], 0, 0.0) for name in names}
-            for r in range(rounds):
-                for name in (names if r % 2 == 0 else names[::-1]):
-                    lat, toks, wall = await drive(sides[name], c, work[r::rounds])
-                    a = acc[name]
-                    acc[name] = (a[0] + lat, a[1] + toks, a[2] + wall)
-            for name, (lat, toks, wall) in acc.items():
-                out[name][c] = summarize(lat, toks, wall)
-    return out
+        return await take_turns(sides, levels, 16, rounds)
 
 
 def main(argv=None) -> int:

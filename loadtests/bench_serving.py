@@ -105,6 +105,28 @@ def ours_client(client: httpx.AsyncClient, url: str, model: str, max_tokens: int
     return one
 
 
+async def take_turns(sides: dict, levels: list[int], per_level: int, rounds: int) -> dict[str, dict[int, dict]]:
+    """{side: {concurrency: summary}}: at each level, the same requests split over ``rounds`` rounds; in
+    every round each side drives its share, each side first in turn."""
+    names = list(sides)
+    out: dict[str, dict[int, dict]] = {side: {} for side in names}
+    for c in levels:
+        # Whole waves of c requests in every round: a half-full last wave would measure the tail.
+        wave = c * rounds
+        work = requests_for(-(-max(per_level, 3 * c) // wave) * wave)
+        acc = {side: ([], 0, 0.0) for side in names}
+        for r in range(rounds):
+            part = work[r::rounds]
+            for side in names[r % len(names):] + names[:r % len(names)]:
+                lat, toks, wall = await drive(sides[side], c, part)
+                a = acc[side]
+                acc[side] = (a[0] + lat, a[1] + toks, a[2] + wall)
+        for side, (lat, toks, wall) in acc.items():
+            out[side][c] = summarize(lat, toks, wall)
+            print(f"{side:5} c={c:<3} {fmt(out[side][c])}", flush=True)
+    return out
+
+
 async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, rounds: int):
     """{side: {concurrency: summary}} with the sides taking turns, and the engine's dtype. Sides: "bare"
     (the engine as the server runs it), "ours" (the server), and where the server's engine runs its
@@ -120,23 +142,7 @@ async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, ro
             model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
             sides["ours"] = ours_client(client, url, model, max_tokens)
             await sides["ours"]("warm up", 1)
-            names = list(sides)
-            out: dict[str, dict[int, dict]] = {side: {} for side in names}
-            for c in levels:
-                # Whole waves of c requests in every round: a half-full last wave would measure the tail.
-                wave = c * rounds
-                work = requests_for(-(-max(per_level, 3 * c) // wave) * wave)
-                acc = {side: ([], 0, 0.0) for side in names}
-                for r in range(rounds):
-                    part = work[r::rounds]
-                    for side in names[r % len(names):] + names[:r % len(names)]:  # each side first in turn
-                        lat, toks, wall = await drive(sides[side], c, part)
-                        a = acc[side]
-                        acc[side] = (a[0] + lat, a[1] + toks, a[2] + wall)
-                for side, (lat, toks, wall) in acc.items():
-                    out[side][c] = summarize(lat, toks, wall)
-                    print(f"{side:5} c={c:<3} {fmt(out[side][c])}", flush=True)
-            return out, engine.dtype
+            return await take_turns(sides, levels, per_level, rounds), engine.dtype
     finally:
         for e in engines:
             e.shutdown()
