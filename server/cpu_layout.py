@@ -90,10 +90,10 @@ def vllm_processes(procs: list) -> tuple[list, list]:
     return workers, engines
 
 
-def compute_processes(procs: list) -> list:
-    """The vLLM processes among ``procs`` that run a worker's forward passes: its worker processes, and
-    every engine core without worker processes (it runs its worker itself: ``engine.cpu_one_process``)."""
-    workers, engines = vllm_processes(procs)
+def compute_processes(workers: list, engines: list) -> list:
+    """Of ``vllm_processes``' (workers, engine cores), those that run a worker's forward passes: the
+    workers, and every engine core without worker processes (it runs its worker itself:
+    ``engine.cpu_one_process``)."""
     parents = set()
     for w in workers:
         try:
@@ -125,7 +125,7 @@ def _reserve(root_pid: int, quiet: bool) -> dict[str, object] | None:
     procs = [root] + root.children(recursive=True)
     workers, engines = vllm_processes(procs)
     worker_cores: set[int] = set()
-    for p in compute_processes(procs):
+    for p in compute_processes(workers, engines):
         for tid in _threads(p.pid):
             try:
                 cores = os.sched_getaffinity(tid)

@@ -187,33 +187,12 @@ def engine_args(config: ServerConfig, model_path: str, dtype: str, on_cpu: bool,
     })
 
 
-@contextlib.contextmanager
-def environ(values: dict[str, str]):
-    """``os.environ`` with ``values`` set, restored afterwards (vLLM reads some settings from it)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def one_process_on_cpu(config: ServerConfig, on_cpu: bool) -> bool:
     """Whether the engine runs vLLM's worker inside its engine core (``engine.cpu_one_process``; not
     with several workers, nor where ``engine.extra`` names vLLM's executor)."""
     e = config.engine
     return (on_cpu and e.cpu_one_process and not engine_parallelism(config)
             and "distributed_executor_backend" not in e.extra)
-
-
-# vLLM's CPU platform turns the uniprocess executor into its multiprocess one unless this is 0 when the
-# config is made ("it is not possible to set the OMP environment correctly"): the engine core is
-# spawned below with the OpenMP settings vLLM gives its worker process, which is what it needs.
-ONE_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def worker_omp_env(vllm_config) -> contextlib.AbstractContextManager:
@@ -243,7 +222,12 @@ class Engine:
         self.one_process = one_process_on_cpu(config, on_cpu)
         with contextlib.ExitStack() as scope:  # environment settings held until the engine core is spawned
             if self.one_process:
-                scope.enter_context(environ(ONE_PROCESS_ENV))
+                # vLLM's CPU platform turns the uniprocess executor into its multiprocess one unless this
+                # is 0 when the config is made ("it is not possible to set the OMP environment correctly"):
+                # the engine core is spawned below with the OpenMP settings vLLM gives its worker process.
+                from vllm.utils.system_utils import set_env_var
+
+                scope.enter_context(set_env_var("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
             args = engine_args(config, self.model_path, dtype, on_cpu, self.one_process)
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
             self.dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")

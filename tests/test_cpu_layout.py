@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import process_tree
-from server.cpu_layout import compute_processes, reserve_worker_cores
+from server.cpu_layout import compute_processes, reserve_worker_cores, vllm_processes
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                                 reason="needs Linux and at least two cores")
@@ -112,7 +112,7 @@ def test_served_engine_worker_has_its_core_to_itself(server):
     deadline = time.time() + 60
     while True:  # the engine replica's worker (a replica Ray is restarting has none for a while)
         procs = psutil.Process(server.proc.pid).children(recursive=True)
-        workers = [p.pid for p in compute_processes(procs)]
+        workers = [p.pid for p in compute_processes(*vllm_processes(procs))]
         if workers or time.time() > deadline:
             break
         time.sleep(1)
