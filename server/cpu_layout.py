@@ -78,15 +78,23 @@ def vllm_processes(procs: list) -> tuple[list, list]:
     """(workers, engine cores) among ``procs`` (psutil processes of one tree). vLLM titles them
     (``VLLM::Worker``, ``VLLM::EngineCore``), but an engine core and its worker were seen in CI still
     carrying the spawn command line as their title, so an engine replica's spawned child (not its
-    resource tracker) counts as an engine core and that child's children as its workers."""
+    resource tracker), or a child of its forkserver (server/engine_forkserver.py), counts as an engine
+    core and that child's children as its workers."""
     workers = [p for p in procs if _title(p).startswith(WORKER_TITLES)]
     engines = [p for p in procs if _title(p).startswith(ENGINE_TITLES)]
     known = {p.pid for p in workers + engines}
     for replica in (p for p in procs if "ServeReplica" in _cmdline(p) and "EngineDeployment" in _cmdline(p)):
-        for core in replica.children():
-            if "multiprocessing.spawn" in _cmdline(core) and core.pid not in known:
-                engines.append(core)
-                workers += [w for w in core.children() if w.pid not in known]
+        for child in replica.children():
+            if "multiprocessing.spawn" in _cmdline(child):
+                cores = [child]
+            elif "multiprocessing.forkserver" in _cmdline(child):
+                cores = child.children()
+            else:
+                continue
+            for core in cores:
+                if core.pid not in known:
+                    engines.append(core)
+                    workers += [w for w in core.children() if w.pid not in known]
     return workers, engines
 
 

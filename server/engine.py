@@ -25,6 +25,7 @@ from ray import serve
 from decoders.base import Completion, ParamError, StreamChunk, TokenLogprob, TopLogprob
 from decoders.base_model import resolve_model
 from server.config import ServerConfig
+from server import engine_forkserver
 from server.cpu_layout import restore_cpus
 from server.routing import ReplicaGone
 
@@ -195,20 +196,19 @@ def one_process_on_cpu(config: ServerConfig, on_cpu: bool) -> bool:
             and "distributed_executor_backend" not in e.extra)
 
 
-def worker_omp_env(vllm_config) -> contextlib.AbstractContextManager:
-    """The OpenMP environment (threads, cores) vLLM would give its worker process (``rank`` 0), for the
-    engine core that runs the worker in-process: OpenMP reads it when the spawned process starts."""
-    from vllm.utils.ompmultiprocessing import OMPProcessManager
-
-    return OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0)
-
-
 class Engine:
     """vLLM AsyncLLM behind the interface above; usable without Ray (tests, CLIs, benchmarks)."""
 
     def __init__(self, config: ServerConfig, *, enable_vas: bool = True):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.cpu_kvcache_gib))
         from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        self.one_process = one_process_on_cpu(config, on_cpu)
+        if on_cpu:
+            restore_cpus()  # a replica started after the serving layer was pinned (server/cpu_layout.py)
+        # Its imports run while this process imports the rest of vLLM and builds the config.
+        forkserver = engine_forkserver.start() if self.one_process else None
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor import Executor
@@ -216,17 +216,15 @@ class Engine:
         self.config = config
         self.model_path = resolve_model(config.model)
         self.stats_dir = Path(tempfile.mkdtemp(prefix="alignserve-vas-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-        on_cpu = current_platform.is_cpu()
         dtype, why = resolve_dtype(config.engine.dtype, on_cpu)
         self.lora_adapters = lora_adapters(config)
-        self.one_process = one_process_on_cpu(config, on_cpu)
         with contextlib.ExitStack() as scope:  # environment settings held until the engine core is spawned
+            from vllm.utils.system_utils import set_env_var
+
             if self.one_process:
                 # vLLM's CPU platform turns the uniprocess executor into its multiprocess one unless this
                 # is 0 when the config is made ("it is not possible to set the OMP environment correctly"):
-                # the engine core is spawned below with the OpenMP settings vLLM gives its worker process.
-                from vllm.utils.system_utils import set_env_var
-
+                # the engine core is started below with the OpenMP settings vLLM gives its worker process.
                 scope.enter_context(set_env_var("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
             args = engine_args(config, self.model_path, dtype, on_cpu, self.one_process)
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
@@ -242,13 +240,15 @@ class Engine:
                     vllm_config.model_config.logits_processors = [processor]
                     logger.info("VAS: value models %s steer through the Model Runner %s logits processor %s",
                                 self.value_model_objectives, self.model_runner, processor.__name__)
-            if on_cpu:
-                restore_cpus()  # a replica started after the serving layer was pinned (server/cpu_layout.py)
             from server.process_guard import mark_owner
 
             mark_owner()  # the engine core and its workers die with this process (server/process_guard.py)
             if self.one_process:
-                scope.enter_context(worker_omp_env(vllm_config))
+                omp = engine_forkserver.omp_env(vllm_config)
+                for k, v in omp.items():
+                    scope.enter_context(set_env_var(k, v))
+                if forkserver is not None:
+                    scope.enter_context(forkserver.engine_core_start(omp))
             t0 = time.time()
             self.llm = AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
                                 log_requests=args.enable_log_requests, log_stats=not args.disable_log_stats,

@@ -7,7 +7,8 @@ period, ``ray stop --force``, an out-of-memory kill) nothing tells them: they we
 general plugin (entry point ``vllm.general_plugins`` in pyproject.toml, loaded in every vLLM process):
 in a process that a replica's engine spawned (``ALIGNSERVE_ENGINE_OWNER`` set, a multiprocessing child),
 it asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``), so the engine core dies with
-the replica and its workers with the engine core.
+the replica (or with the replica's forkserver, which ends with the replica) and its workers with the
+engine core.
 """
 from __future__ import annotations
 
@@ -35,5 +36,8 @@ def install() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return
-    if os.getppid() != parent.pid:  # the parent died before the guard was set
+    # The parent died before the guard was set. (The kernel's parent is the replica where vLLM spawned
+    # this process, the replica's forkserver where it was forked: server/engine_forkserver.py; that one
+    # exits as soon as the replica is gone. `parent` is the replica in both cases.)
+    if not parent.is_alive():
         os.kill(os.getpid(), signal.SIGKILL)

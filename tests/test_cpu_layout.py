@@ -148,6 +148,11 @@ LAYOUTS = textwrap.dedent("""
             time.sleep(0.2)
         return alive
 
+    def openmp(pid):  # what the process's OpenMP runtime (GNU, preloaded) read when it was started
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            pairs = [x.decode().split("=", 1) for x in f.read().split(b"\\0") if b"=" in x]
+        return {k: v for k, v in pairs if k.startswith(("OMP_", "GOMP_")) or k == "LD_PRELOAD"}
+
     def bound(pid):
         allowed = os.sched_getaffinity(0)
         return sorted(set().union(*(a for t in os.listdir(f"/proc/{pid}/task")
@@ -158,10 +163,15 @@ LAYOUTS = textwrap.dedent("""
         engine = Engine(config, enable_vas=False)
         try:
             procs = spawned()
+            # the engine's forkserver (server/engine_forkserver.py) is this process's child; what it forks is not
+            forkservers = [p for p in procs if p.ppid() == os.getpid() and "multiprocessing.forkserver" in " ".join(p.cmdline())]
+            procs = [p for p in procs if p not in forkservers]
             ids = engine.tokenizer.encode("The capital of France is")
             out = await engine.generate([ids], {"max_tokens": 16, "temperature": 0.0}, f"layout-{one_process}")
             return {"tokens": out[0][0].token_ids, "processes": [p.pid for p in procs],
-                    "bound": {p.pid: bound(p.pid) for p in procs}, "children": {p.pid: p.ppid() for p in procs}}
+                    "bound": {p.pid: bound(p.pid) for p in procs}, "children": {p.pid: p.ppid() for p in procs},
+                    "forkservers": {p.pid: openmp(p.pid) for p in forkservers},
+                    "openmp": {p.pid: openmp(p.pid) for p in procs}}
         finally:
             engine.shutdown()
 
@@ -177,8 +187,10 @@ LAYOUTS = textwrap.dedent("""
 @pytest.mark.integration
 def test_both_engine_layouts_compute_the_same_tokens(tmp_path):
     """``engine.cpu_one_process`` (the default) against vLLM's own layout, each a real engine of the
-    embedded model: one process instead of two, its compute thread bound to the cores vLLM binds its
-    worker process to, the same greedy tokens, and nothing left running after shutdown."""
+    embedded model: one process instead of two, forked from a forkserver started with the OpenMP settings
+    of vLLM's worker process, its compute thread bound to the cores vLLM binds that worker to, the same
+    greedy tokens, and nothing of the engine left running after shutdown (the idle forkserver ends with
+    the process that started it)."""
     import json
 
     script = tmp_path / "layouts.py"
@@ -199,4 +211,9 @@ def test_both_engine_layouts_compute_the_same_tokens(tmp_path):
     engine_core = next(p for p in vllm["processes"] if p != worker)
     assert one["bound"][str(core)] == vllm["bound"][str(worker)]  # same cores, [] where vLLM binds none
     assert vllm["bound"][str(engine_core)] == []
+    # Forked from the forkserver (vLLM imported before the config was made), whose OpenMP runtime started
+    # with the settings vLLM starts its worker process with.
+    (forkserver,) = one["forkservers"]
+    assert one["children"][str(core)] == int(forkserver)
+    assert one["forkservers"][forkserver] == vllm["openmp"][str(worker)]
     assert one["left"] == [] and vllm["left"] == []

@@ -45,12 +45,16 @@ def _psutil():
 
 
 def engine_processes(root_pid: int) -> dict[int, int]:
-    """{vLLM engine-core pid: its parent (the engine replica's process)} under the server's tree."""
+    """{vLLM engine-core pid: its engine replica's pid} under the server's tree (the replica is the
+    engine core's parent, or its grandparent where the core was forked from the replica's forkserver)."""
     psutil = _psutil()
     out = {}
     for p in vllm_processes(psutil.Process(root_pid).children(recursive=True))[1]:
         try:
-            out[p.pid] = p.ppid()
+            parent = p.parent()
+            if "multiprocessing.forkserver" in " ".join(parent.cmdline()):
+                parent = parent.parent()
+            out[p.pid] = parent.pid
         except psutil.Error:
             pass
     return out
@@ -209,16 +213,20 @@ def test_the_budget_is_the_engines_across_both_ingress_replicas(scaled):
 
 def test_a_killed_engine_replica_leaves_no_engine_process(scaled):
     """SIGKILL to an engine replica's process (what `ray stop --force`, an OOM kill or a lost node do):
-    its vLLM engine core dies with it (server/process_guard.py), not minutes later, and a worker
-    process (vLLM's layout; by default the engine core runs its worker itself) with the engine core."""
+    its vLLM engine core dies with it (server/process_guard.py), not minutes later, and so do the
+    forkserver the core was forked from (server/engine_forkserver.py) and a worker process (vLLM's
+    layout; by default the engine core runs its worker itself)."""
     psutil = _psutil()
     cores = engine_processes(scaled.proc.pid)
     core, replica_pid = next(iter(cores.items()))
     workers = [p.pid for p in psutil.Process(core).children() if "resource_tracker" not in " ".join(p.cmdline())]
+    forkservers = [p.pid for p in psutil.Process(replica_pid).children()
+                   if "multiprocessing.forkserver" in " ".join(p.cmdline())]
     os.kill(replica_pid, signal.SIGKILL)
     deadline = time.time() + 10
-    while any(alive(pid) for pid in [core, *workers]) and time.time() < deadline:
+    while any(alive(pid) for pid in [core, *workers, *forkservers]) and time.time() < deadline:
         time.sleep(0.2)
     assert not alive(core), f"engine core {core} outlived its replica {replica_pid}"
     assert not [pid for pid in workers if alive(pid)], "a vLLM worker outlived its engine core"
+    assert not [pid for pid in forkservers if alive(pid)], "the replica's forkserver outlived it"
     scaled.engine_cores = {**scaled.engine_cores, **engine_processes(scaled.proc.pid)}
