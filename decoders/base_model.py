@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -81,6 +82,29 @@ def resolve_model(model: str) -> str:
     if model == EMBEDDED_MODEL:
         return str(materialize_embedded())
     return model
+
+
+# transformers' generic fast tokenizer (v5 name, and its older alias), as a tokenizer_config names it.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer, as ``AutoTokenizer.from_pretrained`` loads it. Where the model's
+    tokenizer_config names transformers' generic fast tokenizer (the embedded model's does), that class
+    is loaded directly: ``AutoTokenizer`` imports torch and transformers' generation code (~5 CPU-s,
+    paid at every start of a process that only tokenizes, such as the ingress)."""
+    config = Path(model_path) / "tokenizer_config.json"
+    try:
+        tokenizer_class = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):  # a hub ID, or no config: AutoTokenizer decides
+        tokenizer_class = None
+    if tokenizer_class in _GENERIC_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(model_path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
 
 
 if __name__ == "__main__":

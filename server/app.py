@@ -180,16 +180,14 @@ class Flight:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, config: dict[str, Any], engine, rewards, metrics_handle=None):
-        from transformers import AutoTokenizer
-
-        from decoders.base_model import resolve_model
+        from decoders.base_model import load_tokenizer, resolve_model
         from decoders.rewards import build_objectives
 
         self.config = ServerConfig.model_validate(config)
         self.engine = engine
         self.rewards = rewards
         self.model_name = self.config.model_name
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.config.model))
+        self.tokenizer = load_tokenizer(resolve_model(self.config.model))
         self.max_model_len = self.config.engine.max_model_len
         # Registry metadata only (names, reference stats); scoring runs in the reward deployment.
         self.objectives = build_objectives(self.config.objectives)
