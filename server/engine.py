@@ -218,7 +218,7 @@ class Engine:
         self.stats_dir = Path(tempfile.mkdtemp(prefix="alignserve-vas-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         dtype, why = resolve_dtype(config.engine.dtype, on_cpu)
         self.lora_adapters = lora_adapters(config)
-        with contextlib.ExitStack() as scope:  # environment settings held until the engine core is spawned
+        with contextlib.ExitStack() as scope:  # environment settings held until the engine core is started
             from vllm.utils.system_utils import set_env_var
 
             if self.one_process:

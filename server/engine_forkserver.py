@@ -55,8 +55,8 @@ def openmp_environ() -> dict[str, str]:
 
 
 def vllm_ld_preload() -> str:
-    """``LD_PRELOAD`` as vLLM's CPU platform sets it when the engine's config is made (torch's libgomp,
-    vLLM's bundled tcmalloc), foreseen before that; ``omp_env`` of the real config is compared with it."""
+    """``LD_PRELOAD`` as vLLM's CPU platform will set it when the engine's config is made (torch's
+    libgomp, vLLM's bundled tcmalloc), before that; ``omp_env`` of the real config is compared with it."""
     import torch
     import vllm
 
@@ -138,10 +138,16 @@ class EngineCoreForkserver:
             engine_utils.get_mp_context = vllm_context
 
 
+_forkserver: EngineCoreForkserver | None = None  # multiprocessing keeps one forkserver per process
+
+
 def start() -> EngineCoreForkserver | None:
-    """The forkserver, or None where it could not start (the engine core is then spawned)."""
-    try:
-        return EngineCoreForkserver()
-    except Exception:  # noqa: BLE001 - an optimization of the start-up only
-        logger.warning("could not start the engine core's forkserver; vLLM will spawn it", exc_info=True)
-        return None
+    """This process's forkserver (started by the first engine that asks), or None where it could not
+    start (the engine core is then spawned)."""
+    global _forkserver
+    if _forkserver is None:
+        try:
+            _forkserver = EngineCoreForkserver()
+        except Exception:  # noqa: BLE001 - an optimization of the start-up only
+            logger.warning("could not start the engine core's forkserver; vLLM will spawn it", exc_info=True)
+    return _forkserver
