@@ -219,12 +219,12 @@ class Engine:
         dtype, why = resolve_dtype(config.engine.dtype, on_cpu)
         self.lora_adapters = lora_adapters(config)
         with contextlib.ExitStack() as scope:  # environment settings held until the engine core is started
-            from vllm.utils.system_utils import set_env_var
-
             if self.one_process:
                 # vLLM's CPU platform turns the uniprocess executor into its multiprocess one unless this
                 # is 0 when the config is made ("it is not possible to set the OMP environment correctly"):
                 # the engine core is started below with the OpenMP settings vLLM gives its worker process.
+                from vllm.utils.system_utils import set_env_var
+
                 scope.enter_context(set_env_var("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
             args = engine_args(config, self.model_path, dtype, on_cpu, self.one_process)
             vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
@@ -244,11 +244,9 @@ class Engine:
 
             mark_owner()  # the engine core and its workers die with this process (server/process_guard.py)
             if self.one_process:
-                omp = engine_forkserver.omp_env(vllm_config)
-                for k, v in omp.items():
-                    scope.enter_context(set_env_var(k, v))
+                scope.enter_context(engine_forkserver.worker_omp_env(vllm_config))
                 if forkserver is not None:
-                    scope.enter_context(forkserver.engine_core_start(omp))
+                    scope.enter_context(forkserver.engine_core_start())
             t0 = time.time()
             self.llm = AsyncLLM(vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
                                 log_requests=args.enable_log_requests, log_stats=not args.disable_log_stats,

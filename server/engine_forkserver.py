@@ -36,13 +36,12 @@ LONE_WORKER = SimpleNamespace(
     kv_transfer_config=None)
 
 
-def omp_env(vllm_config) -> dict[str, str]:
-    """The variables vLLM sets for its rank-0 CPU worker under ``vllm_config`` (threads, cores; which
-    ones depends on the OpenMP runtime in ``LD_PRELOAD``), and ``LD_PRELOAD`` itself."""
+def worker_omp_env(vllm_config) -> contextlib.AbstractContextManager:
+    """``os.environ`` with the OpenMP settings vLLM gives its rank-0 CPU worker process under
+    ``vllm_config`` (threads, cores; which variables depends on the OpenMP runtime in ``LD_PRELOAD``)."""
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
-    with OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0):
-        return openmp_environ()
+    return OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0)
 
 
 def openmp_environ() -> dict[str, str]:
@@ -56,7 +55,7 @@ def openmp_environ() -> dict[str, str]:
 
 def vllm_ld_preload() -> str:
     """``LD_PRELOAD`` as vLLM's CPU platform will set it when the engine's config is made (torch's
-    libgomp, vLLM's bundled tcmalloc), before that; ``omp_env`` of the real config is compared with it."""
+    libgomp, vLLM's bundled tcmalloc), before that; the real one is compared with it before forking."""
     import torch
     import vllm
 
@@ -99,25 +98,19 @@ class EngineCoreForkserver:
     """Start it before importing vLLM's engine; hold ``engine_core_start`` while AsyncLLM starts."""
 
     def __init__(self):
-        saved = {"LD_PRELOAD": os.environ.get("LD_PRELOAD")}
-        try:
-            os.environ["LD_PRELOAD"] = vllm_ld_preload()
-            self.omp = omp_env(LONE_WORKER)
-            saved.update({k: os.environ.get(k) for k in self.omp if k not in saved})
-            os.environ.update(self.omp)
+        from vllm.utils.system_utils import set_env_var
+
+        with set_env_var("LD_PRELOAD", vllm_ld_preload()), worker_omp_env(LONE_WORKER):
+            self.omp = openmp_environ()
             multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
             multiprocessing.forkserver.ensure_running()  # returns at once; the imports run in the forkserver
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     @contextlib.contextmanager
-    def engine_core_start(self, wanted: dict[str, str]):
-        """While held, vLLM starts its engine core from the forkserver if the engine's OpenMP settings
-        (``omp_env`` of its config) are the forkserver's; otherwise it spawns it as usual."""
+    def engine_core_start(self):
+        """Held inside the engine's ``worker_omp_env``: while held, vLLM starts its engine core from the
+        forkserver if the OpenMP settings now in ``os.environ`` are the forkserver's; otherwise it spawns
+        it as usual."""
+        wanted = openmp_environ()
         if wanted != self.omp:
             logger.info("engine core spawned, not forked: its OpenMP settings %s are not the forkserver's %s",
                         wanted, self.omp)
