@@ -66,9 +66,10 @@ async def drive(one, concurrency: int, work: list[tuple[str, int]]) -> tuple[lis
     return lat, toks, time.perf_counter() - t0
 
 
-async def bare_client(max_tokens: int, one_process: bool = True):
+async def bare_client(max_tokens: int, one_process: bool = True, features: bool = False):
     """The bare engine in this process: (one(prompt, seed) -> output tokens, the engine).
-    ``one_process=False``: in vLLM's own process layout on CPU (engine.cpu_one_process)."""
+    ``one_process=False``: in vLLM's own process layout on CPU (engine.cpu_one_process).
+    ``features=True``: with the features the server's engine adds (LoRA, the VAS logits processor)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -77,8 +78,8 @@ async def bare_client(max_tokens: int, one_process: bool = True):
 
     # Bare vLLM: the model alone, without the features the server adds (VAS logits processor, LoRA
     # for the Transfer Q* baselines), so their cost shows in the ratio.
-    engine = Engine(ServerConfig.model_validate({"engine": {"enable_lora": False, "cpu_one_process": one_process}}),
-                    enable_vas=False)
+    engine = Engine(ServerConfig.model_validate({"engine": {"enable_lora": features, "cpu_one_process": one_process}}),
+                    enable_vas=features)
     await engine.warm_up()
     tok = engine.tokenizer
 
@@ -127,7 +128,7 @@ async def take_turns(sides: dict, levels: list[int], per_level: int, rounds: int
     return out
 
 
-async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, rounds: int):
+async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, rounds: int, features: bool = False):
     """{side: {concurrency: summary}} with the sides taking turns, and the engine's dtype. Sides: "bare"
     (the engine as the server runs it), "ours" (the server), and where the server's engine runs its
     worker in its engine core (CPU), "vllm" (the bare engine in vLLM's own process layout)."""
@@ -137,6 +138,9 @@ async def bench(url: str, levels: list[int], per_level: int, max_tokens: int, ro
         sides = {"bare": bare}
         if engine.one_process:
             sides["vllm"], other = await bare_client(max_tokens, one_process=False)
+            engines.append(other)
+        if features:
+            sides["feat"], other = await bare_client(max_tokens, features=True)
             engines.append(other)
         async with httpx.AsyncClient(timeout=600) as client:
             model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
@@ -159,6 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4, help="turns per side and level (alternating order)")
     ap.add_argument("--port", type=int, default=8199)
+    ap.add_argument("--features", action="store_true",
+                    help="a fourth side: the bare engine with the features the server's engine adds (LoRA, the "
+                         "VAS logits processor), to tell their cost from the serving layer's")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -166,7 +173,8 @@ def main(argv=None) -> int:
 
     proc, url, cold = start_server(args.port)
     try:
-        res, dtype = asyncio.run(bench(url, levels, args.requests_per_level, args.max_tokens, max(1, args.rounds)))
+        res, dtype = asyncio.run(bench(url, levels, args.requests_per_level, args.max_tokens, max(1, args.rounds),
+                                      args.features))
     finally:
         import signal
 
@@ -198,6 +206,17 @@ def main(argv=None) -> int:
             v, o, b = vllm[c], ours[c], bare[c]
             print(f"| {c} | {v['tok_s']:.1f} | {v['p50']:.2f} | {o['tok_s'] / v['tok_s']:.2f} | {o['p50'] / v['p50']:.2f} "
                   f"| {b['tok_s'] / v['tok_s']:.2f} |")
+    feat = res.get("feat")
+    if feat:
+        print("\nThe bare engine with the server engine's features (LoRA for the Transfer Q* baselines, the VAS "
+              "logits processor), no request using them:\n")
+        print("| concurrency | features tok/s | features p50 s | tok/s features/bare | tok/s ours/features "
+              "| p50 ours/features |")
+        print("|---|---|---|---|---|---|")
+        for c in levels:
+            f, o, b = feat[c], ours[c], bare[c]
+            print(f"| {c} | {f['tok_s']:.1f} | {f['p50']:.2f} | {f['tok_s'] / b['tok_s']:.2f} | "
+                  f"{o['tok_s'] / f['tok_s']:.2f} | {o['p50'] / f['p50']:.2f} |")
     lo, hi = min(levels), max(levels)
     print(f"\nthroughput scaling c={hi} vs c={lo}: bare {bare[hi]['tok_s'] / bare[lo]['tok_s']:.2f}x, "
           f"ours {ours[hi]['tok_s'] / ours[lo]['tok_s']:.2f}x")
