@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from server.cpu_layout import remember_cpus, reserve_worker_cores
 
     remember_cpus()  # before Ray starts: its processes inherit it (server/cpu_layout.py)
+    # Ray starts its workers at nice 15, below its own daemons and this process: here the workers are
+    # the service, and vLLM's engine core (the engine replica's child) would inherit it, yielding its
+    # core to any nice-0 process that wants it. A RAY_worker_niceness set by the user still wins.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     init_kwargs: dict = {}
     if os.environ.get("RAY_METRICS_EXPORT_PORT"):
         # A fixed port for Ray's metrics agent, so Prometheus can scrape ray_serve_* (default: random).

@@ -106,7 +106,8 @@ def test_nothing_to_do_without_bound_workers_or_when_switched_off(monkeypatch):
 @pytest.mark.integration
 def test_served_engine_worker_has_its_core_to_itself(server):
     """The real `server.serve`: once READY, the ingress replica and Ray's daemons run on the cores the
-    vLLM worker (here inside its engine core) is not bound to (the log says which)."""
+    vLLM worker (here inside its engine core) is not bound to (the log says which); the worker runs at
+    the niceness of the server, not at Ray's for its workers (15)."""
     import psutil
 
     deadline = time.time() + 60
@@ -117,6 +118,7 @@ def test_served_engine_worker_has_its_core_to_itself(server):
             break
         time.sleep(1)
     assert workers, process_tree(server.proc.pid)
+    assert {psutil.Process(pid).nice() for pid in workers} == {psutil.Process(server.proc.pid).nice()}
     bound = set().union(*(a for pid in workers for a in _affinities(pid) if a != os.sched_getaffinity(0)))
     if not bound:
         pytest.skip("vLLM did not bind its worker's threads on this machine")

@@ -260,6 +260,16 @@ def test_secrets_by_reference_only(overlay):
                     assert "value" not in e, f"{e['name']} must come from a Secret"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_workers_not_niced(overlay):
+    """Ray's default worker niceness (15) would put the replicas, and the vLLM engine core they start,
+    below Ray's daemons in every pod."""
+    for name, group in pod_groups(rayservice(overlay)):
+        for c in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("RAY_worker_niceness") == "0", (name, c["name"])
+
+
 def test_overlay_resources():
     cpu, gpu = rayservice("cpu"), rayservice("gpu")
     cpu_text = json.dumps(cpu["spec"]["rayClusterConfig"])
