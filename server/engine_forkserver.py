@@ -84,8 +84,8 @@ class _Process(multiprocessing.context.ForkServerProcess):
     def run(self):
         # The forkserver ends when every holder of its "alive" pipe is gone, and multiprocessing hands
         # that pipe to each child, in case the child starts processes the same way. The engine core
-        # starts none: holding it, an engine core whose owner was killed would keep the forkserver, its
-        # parent, alive, and the forkserver it (process_guard kills it only when its parent dies).
+        # starts none. Holding it, an engine core whose owner was killed kept its parent, the forkserver,
+        # alive, which kept the engine core alive (process_guard kills it only when its parent dies).
         server = multiprocessing.forkserver._forkserver
         if server._forkserver_alive_fd is not None:
             os.close(server._forkserver_alive_fd)

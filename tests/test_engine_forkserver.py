@@ -42,9 +42,15 @@ def test_engine_processes_end_with_a_killed_owner(tmp_path):
     pids = [int(p) for p in pids]
     if one_process == "True":
         assert len(pids) == 2, pids  # the forkserver and the engine core it forked
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.time() + 20
-    while (alive := [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]) \
-            and time.time() < deadline:
+    while (alive := [p for p in pids if running(p)]) and time.time() < deadline:
         time.sleep(0.2)
     for p in alive:  # leave nothing behind for the next test
         psutil.Process(p).kill()
