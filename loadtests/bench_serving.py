@@ -156,6 +156,18 @@ def fmt(s: dict) -> str:
     return f"req/s {s['req_s']:6.2f}  tok/s {s['tok_s']:7.1f}  p50 {s['p50']:6.2f}s  p95 {s['p95']:6.2f}s"
 
 
+def side_table(intro: str, label: str, side: dict, levels: list[int], ratios: list[tuple]) -> None:
+    """A further side's table: its tok/s and p50 per concurrency, then each (header, numerator side,
+    denominator side, "tok_s" | "p50") ratio."""
+    print(f"\n{intro}\n")
+    print(f"| concurrency | {label} tok/s | {label} p50 s | " + " | ".join(r[0] for r in ratios) + " |")
+    print("|---" * (3 + len(ratios)) + "|")
+    for c in levels:
+        cells = [f"{side[c]['tok_s']:.1f}", f"{side[c]['p50']:.2f}"] + [f"{num[c][k] / den[c][k]:.2f}"
+                                                                        for _, num, den, k in ratios]
+        print(f"| {c} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", default="1,16")
@@ -194,29 +206,18 @@ def main(argv=None) -> int:
         print(f"| {c} | {b['req_s']:.2f} | {b['tok_s']:.1f} | {b['p50']:.2f} | {b['p95']:.2f} | {o['req_s']:.2f} | "
               f"{o['tok_s']:.1f} | {o['p50']:.2f} | {o['p95']:.2f} | {o['tok_s'] / b['tok_s']:.2f} | "
               f"{o['p50'] / b['p50']:.2f} |")
-    vllm = res.get("vllm")
+    vllm, feat = res.get("vllm"), res.get("feat")
     if vllm:
-        print("\nThe bare engine in vLLM's own process layout on CPU (a worker process beside the engine core; "
-              "the server and the bare engine above run the worker inside the engine core, "
-              "engine.cpu_one_process):\n")
-        print("| concurrency | vLLM layout tok/s | vLLM layout p50 s | tok/s ours/vLLM layout | p50 ours/vLLM layout "
-              "| tok/s bare/vLLM layout |")
-        print("|---|---|---|---|---|---|")
-        for c in levels:
-            v, o, b = vllm[c], ours[c], bare[c]
-            print(f"| {c} | {v['tok_s']:.1f} | {v['p50']:.2f} | {o['tok_s'] / v['tok_s']:.2f} | {o['p50'] / v['p50']:.2f} "
-                  f"| {b['tok_s'] / v['tok_s']:.2f} |")
-    feat = res.get("feat")
+        side_table("The bare engine in vLLM's own process layout on CPU (a worker process beside the engine core; "
+                   "the server and the bare engine above run the worker inside the engine core, "
+                   "engine.cpu_one_process):", "vLLM layout", vllm, levels,
+                   [("tok/s ours/vLLM layout", ours, vllm, "tok_s"), ("p50 ours/vLLM layout", ours, vllm, "p50"),
+                    ("tok/s bare/vLLM layout", bare, vllm, "tok_s")])
     if feat:
-        print("\nThe bare engine with the server engine's features (LoRA for the Transfer Q* baselines, the VAS "
-              "logits processor), no request using them:\n")
-        print("| concurrency | features tok/s | features p50 s | tok/s features/bare | tok/s ours/features "
-              "| p50 ours/features |")
-        print("|---|---|---|---|---|---|")
-        for c in levels:
-            f, o, b = feat[c], ours[c], bare[c]
-            print(f"| {c} | {f['tok_s']:.1f} | {f['p50']:.2f} | {f['tok_s'] / b['tok_s']:.2f} | "
-                  f"{o['tok_s'] / f['tok_s']:.2f} | {o['p50'] / f['p50']:.2f} |")
+        side_table("The bare engine with the server engine's features (LoRA for the Transfer Q* baselines, the VAS "
+                   "logits processor), no request using them:", "features", feat, levels,
+                   [("tok/s features/bare", feat, bare, "tok_s"), ("tok/s ours/features", ours, feat, "tok_s"),
+                    ("p50 ours/features", ours, feat, "p50")])
     lo, hi = min(levels), max(levels)
     print(f"\nthroughput scaling c={hi} vs c={lo}: bare {bare[hi]['tok_s'] / bare[lo]['tok_s']:.2f}x, "
           f"ours {ours[hi]['tok_s'] / ours[lo]['tok_s']:.2f}x")
