@@ -474,7 +474,7 @@ class OpenAIIngress:
         refused: list[str] = []
         answer: dict[str, Any] = {}
         for _ in range(8):
-            answer = await self.engine.admit.remote(rid, b.sequences, exclude_replicas=refused)
+            answer = await self._admit_once(rid, b.sequences, refused)
             if answer["admitted"]:
                 return b.sequences, answer["replica"]
             if answer["replica"] in refused:
@@ -484,6 +484,29 @@ class OpenAIIngress:
         raise Overloaded(f"server is at capacity (engine replicas with room: none; this request costs "
                          f"{b.sequences} sequences of limits.max_concurrent_cost = {limits.max_concurrent_cost} "
                          f"per engine replica); retry later", code="overloaded", headers={"Retry-After": "1"})
+
+    async def _admit_once(self, rid: str, sequences: int, refused: list[str]) -> dict[str, Any]:
+        """One engine replica's answer. The call runs outside the request (``detached``): a client that
+        goes away meanwhile cancels this task, not the admission, so a replica that admits the request
+        anyway is asked to release it right away; cancelled midway, the call could leave the budget
+        taken without saying so, until the lease runs out (minutes)."""
+        async def ask() -> dict[str, Any]:
+            return await self.engine.admit.remote(rid, sequences, exclude_replicas=list(refused))
+
+        answer = detached(ask())
+        try:
+            return await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            self._in_background(self._release_if_admitted(rid, answer))
+            raise
+
+    async def _release_if_admitted(self, rid: str, answer: asyncio.Future) -> None:
+        try:
+            admitted = await asyncio.wait_for(answer, timeout=10)
+            if admitted["admitted"]:
+                await asyncio.wait_for(self.engine.release.remote(rid, replica=admitted["replica"]), timeout=10)
+        except Exception:  # noqa: BLE001 - the lease runs out on the engine replica anyway
+            logger.warning("could not release the budget of %s, cancelled during its admission", rid, exc_info=True)
 
     async def _serve(self, body, request: Request, *, kind: str):
         request.state.alignserve_method = body.method  # for the rejection counters of the error handlers

@@ -557,6 +557,43 @@ def test_a_cancelled_non_streamed_request_aborts_its_engine_work():
     assert ing.requests_in_flight == 0 and not ing._background and ing.engine.released == ing.aborted
 
 
+def test_a_request_cancelled_during_its_admission_gives_the_budget_back():
+    """A client that goes away while an engine replica is admitting its request: the replica admits it
+    anyway (the cancellation stops our await, not its call), so the ingress releases it there."""
+    ing = _ingress()
+    engine = ing.engine
+    admitted: list[str] = []
+
+    async def slow_admit(rid, n, exclude_replicas=()):
+        admitted.append(rid)  # taken on the replica, whose answer is still on its way
+        await asyncio.sleep(0.3)
+        return {"admitted": True, "replica": "r1"}
+
+    released: list[tuple[str, str]] = []
+
+    async def release(rid, replica=None):
+        released.append((rid, replica))
+
+    engine.admit = SimpleNamespace(remote=slow_admit)
+    engine.release = SimpleNamespace(remote=release)
+
+    async def main():
+        task = asyncio.ensure_future(ing._serve(_completion(), _request(), kind="text"))
+        while not admitted:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not ing._background:
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert released == [(admitted[0], "r1")] and not ing._background
+    assert ing.requests_in_flight == 0 and ing.aborted == []
+
+
 def test_a_dead_engine_is_a_503_and_a_failing_chat_template_a_400():
     """Work that used to run before the error handling (the value-model lookup, the chat template)."""
     from server.errors import APIError
@@ -1263,6 +1300,24 @@ class TestHardenedServer:
         m = _metrics(hardened)
         assert _metric(m, "alignserve_requests_total", status="499") == before + 1
         assert _metric(m, "alignserve_requests_in_flight") == 0
+
+    def test_clients_that_give_up_at_once_leave_no_budget_taken(self, hardened):
+        """A wave of clients with short timeouts (each cut off at another point: in the proxy, during
+        admission, while generating): every budget share comes back within seconds, not when its
+        lease runs out (minutes)."""
+        async def wave():
+            async with httpx.AsyncClient(headers=AUTH) as c:
+                async def one(i: int):
+                    try:
+                        await c.post(hardened.url + "/v1/completions", json=_counting(64),
+                                     timeout=0.02 + 0.02 * i)
+                    except httpx.TimeoutException:
+                        pass
+                await asyncio.gather(*(one(i) for i in range(24)))
+
+        asyncio.run(wave())
+        assert _wait_idle(hardened, within_s=10) == {"cost_in_flight": 0, "engine_unfinished": 0}
+        assert _post(hardened, "/v1/completions", _counting(4)).status_code == 200
 
     @staticmethod
     def _slow_rewards(hardened, seconds: float = 2.0):
