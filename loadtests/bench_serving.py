@@ -10,7 +10,9 @@ the server runs the worker inside the engine core, engine.cpu_one_process). All 
 turns, ``--rounds`` rounds per concurrency level, each side first in turn, so that drift of a shared
 machine falls on all alike. Same seeds give the same outputs, so both do
 the same work. Prints the machine (CPU model, flags), the dtype, requests/s, output tokens/s,
-p50/p95 latency per concurrency and the ratios ours/bare.
+p50/p95 latency per concurrency and the ratios ours/bare. Then, everything else stopped, the cold
+start of the engine alone without Ray, in vLLM's own layout and in the server's (loadtests/cold_start.py),
+beside the server's: what of ``make serve``'s start is vLLM's own.
 """
 from __future__ import annotations
 
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--features", action="store_true",
                     help="a fourth side: the bare engine with the features the server's engine adds (LoRA, the "
                          "VAS logits processor), to tell their cost from the serving layer's")
+    ap.add_argument("--engine-cold-starts", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the rest, time the engine's cold start without Ray in fresh processes, in vLLM's "
+                         "own layout and in the server's (loadtests/cold_start.py; ~1 min on 2 cores)")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -222,6 +227,18 @@ def main(argv=None) -> int:
     print(f"\nthroughput scaling c={hi} vs c={lo}: bare {bare[hi]['tok_s'] / bare[lo]['tok_s']:.2f}x, "
           f"ours {ours[hi]['tok_s'] / ours[lo]['tok_s']:.2f}x")
     print(f"cold start of `python -m server.serve` (model already materialized): {cold:.1f}s")
+    if args.engine_cold_starts:
+        from loadtests import cold_start
+
+        # After the served side is down, one at a time: each has the machine to itself.
+        alone = {layout: cold_start.measure(layout) for layout in cold_start.LAYOUTS}
+        print("\nCold start, a fresh process until its first token (model already materialized):\n")
+        print("| what starts | s |\n|---|---|")
+        print(f"| `python -m server.serve` (Ray, every deployment; until READY, warm-up included) | {cold:.1f} |")
+        for layout, label in (("ours", "the server's engine alone, no Ray (loadtests/cold_start.py ours)"),
+                              ("vllm", "bare vLLM AsyncLLM in its own process layout, no Ray (cold_start.py vllm)")):
+            seconds = alone[layout]
+            print(f"| {label} | {'failed' if seconds is None else f'{seconds:.1f}'} |")
     return 0
 
 
