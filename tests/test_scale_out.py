@@ -148,6 +148,30 @@ def test_every_engine_call_of_a_request_reaches_its_replica(scaled):
         assert r is not None and r.status_code == 200, r.text if r is not None else r
         calls = r.json()["alignment"].get("engine_calls")
         assert calls is None or calls >= 4
+    # Transfer Q* rolled out the shipped LoRA baselines, on whichever replica admitted the request.
+    assert [results[i].json()["alignment"]["baseline"] for i in (0, 3)] == ["sentiment", "safety"]
+    assert scaled.wait_idle(10) == {"cost_in_flight": 0, "engine_unfinished": 0}
+
+
+def test_an_adapter_served_by_name_answers_alike_on_both_replicas(scaled):
+    """A LoRA baseline asked for as the model (vLLM's way of serving adapters): eight greedy requests at
+    once spread over both engine replicas, each of which loads the adapter for itself; all give the
+    same answer, and not the base model's."""
+    body = {"model": f"{MODEL}-sentiment", "prompt": "The movie was", "max_tokens": 16, "temperature": 0}
+    results: list = [None] * 8
+
+    def go(i):
+        results[i] = _post(scaled, "/v1/completions", body)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(r is not None and r.status_code == 200 for r in results), [r.text for r in results if r is not None]
+    texts = {r.json()["choices"][0]["text"] for r in results}
+    base = _post(scaled, "/v1/completions", dict(body, model=MODEL)).json()["choices"][0]["text"]
+    assert len(texts) == 1 and texts != {base}, (texts, base)
     assert scaled.wait_idle(10) == {"cost_in_flight": 0, "engine_unfinished": 0}
 
 
