@@ -426,7 +426,12 @@ class Engine:
         return len(ids)
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        # Dropped, so that vLLM's AsyncLLM.__del__ runs now: the frames of this __init__ can outlive it
+        # (an exception caught during an import keeps them), and at interpreter exit that __del__
+        # finds vLLM's globals gone ("Exception ignored ... TypeError").
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
 
 
 class Budget:
