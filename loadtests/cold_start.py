@@ -32,12 +32,11 @@ async def first_token(layout: str) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.cpu_kvcache_gib))
     if layout == "vllm":
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from decoders.base_model import resolve_model
         from server.engine import resolve_dtype
-
-        from vllm.platforms import current_platform
 
         dtype, _ = resolve_dtype(config.engine.dtype, on_cpu=current_platform.is_cpu())
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
