@@ -501,13 +501,21 @@ class EngineDeployment:
     async def stream(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str, delta: bool = True,
                      replica: str | None = None):
         self._here(replica)
-        async for msg in self.engine.stream(prompt_token_ids, params, request_id, delta):
-            yield msg
+        try:
+            async for msg in self.engine.stream(prompt_token_ids, params, request_id, delta):
+                yield msg
+        except ParamError as e:
+            # A refusal of the client's parameters (a 400) is an answer, not a failed call, which Ray
+            # Serve would log at ERROR with its traceback; server/handles.py raises it again.
+            yield e
 
     async def generate(self, prompts: list[list[int]], params: dict[str, Any], request_id: str,
-                       replica: str | None = None) -> list[list[Completion]]:
+                       replica: str | None = None) -> list[list[Completion]] | ParamError:
         self._here(replica)
-        return await self.engine.generate(prompts, params, request_id)
+        try:
+            return await self.engine.generate(prompts, params, request_id)
+        except ParamError as e:
+            return e  # an answer, as in ``stream``
 
     async def info(self) -> dict[str, Any]:
         return {**await self.engine.info(), "replica": self.replica}

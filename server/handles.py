@@ -7,7 +7,7 @@ import logging
 import uuid
 from typing import Any, AsyncIterator, Sequence
 
-from decoders.base import AlignmentFailure, Completion, StreamChunk
+from decoders.base import AlignmentFailure, Completion, ParamError, StreamChunk
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,12 +48,17 @@ class EngineClient:
     async def generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[list[Completion]]:
         self.calls += 1
         rid = f"{self.request_id}-{self.calls}-{uuid.uuid4().hex[:6]}"
-        return await self.handle.generate.remote(prompts, self._params(params), rid, replica=self.replica)
+        out = await self.handle.generate.remote(prompts, self._params(params), rid, replica=self.replica)
+        if isinstance(out, ParamError):  # the engine replica refused the client's parameters
+            raise out
+        return out
 
     async def stream(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[StreamChunk]:
         gen = self.handle.options(stream=True).stream.remote(prompt_ids, self._params(params), self.request_id,
                                                              self.delta, replica=self.replica)
         async for chunk in gen:
+            if isinstance(chunk, ParamError):  # the engine replica refused the client's parameters
+                raise chunk
             yield chunk
 
     async def abort(self) -> int:

@@ -979,6 +979,51 @@ RAW_BAD = [
 
 
 @pytest.mark.integration
+def test_engine_refusals_are_400s_not_failed_calls_in_the_log(server):
+    """vLLM refusing a request's parameters is the client's error: a 400 naming the parameter, streamed
+    or not, sent back by the engine replica as an answer; a raised exception would be logged by Ray
+    Serve as a failed call, at ERROR with its traceback, once per bad request."""
+    start = server.log.stat().st_size
+    body = _chat(logit_bias={"99999999": 5})
+    _error(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60), 400, "logit_bias")
+    _error(httpx.post(server.url + "/v1/chat/completions", json=dict(body, stream=True), timeout=60), 400, "logit_bias")
+    time.sleep(3)  # Ray forwards the replicas' logs to the driver about once a second
+    with server.log.open(errors="replace") as f:
+        f.seek(start)
+        logged = f.read()
+    assert "ParamError" not in logged and "Request failed" not in logged, logged[-3000:]
+
+
+def test_engine_refusals_come_back_as_param_errors():
+    """What the engine replica answers for a refused request (``EngineDeployment.stream`` yields it,
+    ``generate`` returns it) is raised again on the ingress side, for the 400."""
+    from decoders.base import ParamError
+    from server.handles import EngineClient
+
+    refusal = ParamError("the engine refused the request: out of vocabulary", param="logit_bias")
+
+    async def generate(*a, **kw):
+        return refusal
+
+    async def stream(*a, **kw):
+        yield refusal
+
+    handle = SimpleNamespace(generate=SimpleNamespace(remote=generate), stream=SimpleNamespace(remote=stream))
+    handle.options = lambda **kw: handle
+    client = EngineClient(handle, None, "cmpl-x", replica="r0")
+
+    async def main():
+        with pytest.raises(ParamError) as e:
+            await client.generate([[1]], {})
+        assert e.value.param == "logit_bias"
+        with pytest.raises(ParamError):
+            async for _ in client.stream([1], {}):
+                pass
+
+    asyncio.run(main())
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("name, raw, param", RAW_BAD, ids=[c[0] for c in RAW_BAD])
 def test_undecodable_bodies_are_400(server, name, raw, param):
     path = "/v1/completions" if b'"prompt"' in raw else "/v1/chat/completions"
