@@ -97,6 +97,16 @@ def process_tree(root_pid: int) -> str:
     return "\n".join(lines)
 
 
+def alive(pid: int) -> bool:
+    """The process runs (a zombie, ended but not yet reaped, does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def stop_server(server: RunningServer) -> int:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)

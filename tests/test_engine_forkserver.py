@@ -11,6 +11,8 @@ import time
 import psutil
 import pytest
 
+from conftest import alive
+
 OWNER = textwrap.dedent("""
     import os, signal, psutil
     from server.config import ServerConfig
@@ -42,16 +44,9 @@ def test_engine_processes_end_with_a_killed_owner(tmp_path):
     pids = [int(p) for p in pids]
     if one_process == "True":
         assert len(pids) == 2, pids  # the forkserver and the engine core it forked
-
-    def running(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
     deadline = time.time() + 20
-    while (alive := [p for p in pids if running(p)]) and time.time() < deadline:
+    while (running := [p for p in pids if alive(p)]) and time.time() < deadline:
         time.sleep(0.2)
-    for p in alive:  # leave nothing behind for the next test
+    for p in running:  # leave nothing behind for the next test
         psutil.Process(p).kill()
-    assert not alive, f"the engine's processes {alive} outlived the process that owned them"
+    assert not running, f"the engine's processes {running} outlived the process that owned them"

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import process_tree, start_server, stop_server
+from conftest import alive, process_tree, start_server, stop_server
 from server.cpu_layout import vllm_processes
 
 pytestmark = pytest.mark.integration
@@ -69,14 +69,6 @@ def wait_for_engine_processes(root_pid: int, count: int, timeout_s: float = 60) 
     if len(found) < count:
         pytest.fail(f"{len(found)} of {count} vLLM engine cores after {timeout_s:.0f} s:\n{process_tree(root_pid)}")
     return found
-
-
-def alive(pid: int) -> bool:
-    psutil = _psutil()
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture(scope="module")
