@@ -23,7 +23,7 @@ serve: install
 	$(PY) -m server.serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
 test: install
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest -ra -m "not integration" $(PYTEST_ARGS)

@@ -139,11 +139,18 @@ def test_shipped_adapters_are_the_default_baselines_of_the_embedded_model():
 
 @pytest.mark.integration
 def test_train_baseline_cli_writes_an_adapter_vllm_serves(tmp_path):
-    """Sample from the frozen base (training split), pair best vs worst, DPO a LoRA for one step, then
-    evaluate it served by vLLM as LoRA on held-out prompts: the card has rewards and a KL estimate."""
+    """Base samples of training prompts (given: sampling from the frozen base is the value CLI's, tested
+    in test_train_value_cli; one vLLM start less here), scored, paired best vs worst, DPO of a LoRA for one
+    step, then evaluated served by vLLM as LoRA on held-out prompts: the card has rewards and a KL estimate."""
+    from decoders.prompts import training_prompts
+
     out = tmp_path / "sentiment"
+    answers = ["I loved it, a wonderful and happy film.", "It was awful, a sad and terrible waste."]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"prompt_index": i, "prompt": p, "response": a}) + "\n"
+                               for i, p in enumerate(training_prompts("rotten_tomatoes", limit=4)) for a in answers))
     cmd = [sys.executable, "-m", "decoders.train_baseline", "--objective", "sentiment", "--prompts", "rotten_tomatoes",
-           "--out", str(out), "--pairs", "8", "--candidate-prompts", "8", "--samples-per-prompt", "2",
+           "--out", str(out), "--pairs", "8", "--samples-from", str(samples),
            "--max-tokens", "12", "--epochs", "1", "--lr", "1e-3", "--eval-prompts", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -156,7 +163,8 @@ def test_train_baseline_cli_writes_an_adapter_vllm_serves(tmp_path):
     card = json.loads((out / "card.json").read_text())
     from decoders.prompts import heldout_prompts, training_prompts
 
-    assert card["data"]["pairs"] >= 1 and card["training"]["steps"] >= 1
+    assert card["data"]["pairs"] == 4 and card["training"]["steps"] >= 1
+    assert card["data"]["samples_from"] == str(samples)
     assert set(e["prompt"] for e in card["evaluation"]["examples"]) <= set(heldout_prompts("rotten_tomatoes"))
     assert not set(training_prompts("rotten_tomatoes", limit=8)) & set(heldout_prompts("rotten_tomatoes"))
     ev = card["evaluation"]
