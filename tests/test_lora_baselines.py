@@ -161,7 +161,7 @@ def test_train_baseline_cli_writes_an_adapter_vllm_serves(tmp_path):
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(t.dtype == torch.bfloat16 for t in weights.values())
     card = json.loads((out / "card.json").read_text())
-    from decoders.prompts import heldout_prompts, training_prompts
+    from decoders.prompts import heldout_prompts
 
     assert card["data"]["pairs"] == 4 and card["training"]["steps"] >= 1
     assert card["data"]["samples_from"] == str(samples)
